@@ -1,0 +1,111 @@
+"""Content-addressed cache of every LLM call, so a rerun after a crash repeats no LLM work.
+
+SQLite in WAL mode: a commit is atomic and durable, so kill -9 mid-batch loses at most the
+uncommitted answers, never corrupts what was stored. Each batch commits as soon as the
+backend returns it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Callable, Sequence
+
+from gecko.llm.base import LLM, ContinuationScore, GenerationParams, LabelScores
+
+
+def _key(*parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+class LLMCache:
+    """A key → JSON value store on SQLite (WAL); safe for several processes sharing one file."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, timeout=60, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("CREATE TABLE IF NOT EXISTS calls (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+
+    def get_many(self, keys: Sequence[str]) -> dict[str, object]:
+        found: dict[str, object] = {}
+        with self._lock:
+            for start in range(0, len(keys), 500):
+                chunk = list(keys[start : start + 500])
+                marks = ",".join("?" * len(chunk))
+                for key, value in self._db.execute(f"SELECT key, value FROM calls WHERE key IN ({marks})", chunk):
+                    found[key] = json.loads(value)
+        return found
+
+    def put_many(self, items: dict[str, object]) -> None:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany(
+                    "INSERT OR REPLACE INTO calls (key, value) VALUES (?, ?)",
+                    [(k, json.dumps(v, ensure_ascii=False)) for k, v in items.items()],
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def __len__(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM calls").fetchone()[0]
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+class CachedLLM:
+    """Wraps any backend; answers repeated calls from the cache and counts real backend calls."""
+
+    def __init__(self, backend: LLM, cache: LLMCache):
+        self.backend = backend
+        self.cache = cache
+        self.identity = backend.identity
+        self.backend_calls = 0  # number of items the backend actually computed
+        self.cache_hits = 0
+
+    def _through_cache(self, keys: list[str], compute: Callable[[list[int]], list[object]]) -> list[object]:
+        found = self.cache.get_many(keys)
+        missing = [i for i, k in enumerate(keys) if k not in found]
+        self.cache_hits += len(keys) - len(missing)
+        if missing:
+            values = compute(missing)
+            self.backend_calls += len(missing)
+            fresh = {keys[i]: v for i, v in zip(missing, values)}
+            self.cache.put_many(fresh)
+            found.update(fresh)
+        return [found[k] for k in keys]
+
+    def generate(self, prompts: Sequence[str], params: GenerationParams) -> list[str]:
+        prompts = list(prompts)
+        keys = [_key("generate", self.identity, p, params.key()) for p in prompts]
+        return self._through_cache(keys, lambda idx: self.backend.generate([prompts[i] for i in idx], params))
+
+    def score(self, prefix: str, continuations: Sequence[str]) -> list[ContinuationScore]:
+        conts = list(continuations)
+        keys = [_key("score", self.identity, prefix, c) for c in conts]
+
+        def compute(idx: list[int]) -> list[object]:
+            return [s.to_dict() for s in self.backend.score(prefix, [conts[i] for i in idx])]
+
+        return [ContinuationScore(v["tokens"], v["logprobs"]) for v in self._through_cache(keys, compute)]
+
+    def label_logprobs(self, prompt: str, labels: Sequence[str]) -> LabelScores:
+        labels = list(labels)
+        key = _key("labels", self.identity, prompt, labels)
+        (value,) = self._through_cache([key], lambda idx: [self.backend.label_logprobs(prompt, labels).logprobs])
+        return LabelScores(dict(value))
+
+    def __getattr__(self, name: str):
+        return getattr(self.backend, name)
