@@ -231,6 +231,9 @@ def _split(text: str, max_tokens: int, tok) -> list[str]:
     pieces, i = [], 0
     while i < len(offsets):
         j = _cut(text, offsets, words, i, min(i + max_tokens, len(offsets)))
+        if i and words[i - 1] == words[i]:  # starts inside a word: its tokens may differ on their own
+            while j - i > 1 and len(tok(text[offsets[i][0] : offsets[j - 1][1]], add_special_tokens=False)["input_ids"]) > max_tokens:
+                j -= 1
         pieces.append(text[offsets[i][0] : offsets[j - 1][1]])
         i = j
     return pieces

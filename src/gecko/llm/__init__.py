@@ -6,6 +6,7 @@ Specs: `default` (packaged Gemma 3 270M on llama.cpp), `llamacpp:PATH.gguf|defau
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from gecko.llm.base import LLM, ContinuationScore, GenerationParams, LabelScores, LLMError
@@ -51,4 +52,9 @@ def load_llm(spec: str = DEFAULT, cache: str | Path | None = None, use_cache: bo
     backend = open_backend(spec, **options)
     if not use_cache:
         return backend
-    return CachedLLM(backend, LLMCache(cache or gecko_home() / "llm-cache.sqlite"))
+    return CachedLLM(backend, LLMCache(cache or default_cache_path()))
+
+
+def default_cache_path() -> Path:
+    """One cache per machine by default; GECKO_LLM_CACHE points a run at its own file."""
+    return Path(os.environ.get("GECKO_LLM_CACHE", gecko_home() / "llm-cache.sqlite"))

@@ -4,6 +4,11 @@ Scoring evaluates prefix + continuation in one decode and asks llama.cpp for log
 the continuation positions, so a 262k-token vocabulary costs a few rows, not one per prompt
 token. The KV cache keeps whatever prefix the last call left, so consecutive calls sharing a
 few-shot prefix evaluate only what differs.
+
+llama.cpp's CPU kernels depend on batch size, so a token's logits depend on which tokens
+shared its batch. Tokens are therefore always decoded in chunks at fixed absolute positions
+(multiples of ALIGN) and the cache is only ever rewound to such a boundary: a prompt gets
+bit-identical logits whatever an earlier call left in the cache.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ import numpy as np
 
 from gecko.llm.base import ContinuationScore, GenerationParams, LabelScores, LLMError, label_logprobs_by_scoring
 from gecko.models import DEFAULT, default_gguf_path, file_sha256
+
+ALIGN = 64
 
 
 def free_cores() -> int:
@@ -34,7 +41,7 @@ def log_softmax_at(row: np.ndarray, token: int) -> float:
 
 
 class LlamaCppLLM:
-    def __init__(self, model: str | Path = DEFAULT, n_ctx: int = 4096, n_threads: int | None = None, n_batch: int = 512):
+    def __init__(self, model: str | Path = DEFAULT, n_ctx: int = 4096, n_threads: int | None = None):
         from llama_cpp import Llama
 
         path = default_gguf_path() if str(model) == DEFAULT else Path(model)
@@ -46,13 +53,14 @@ class LlamaCppLLM:
         self._llama = Llama(
             model_path=str(path),
             n_ctx=n_ctx,
-            n_batch=n_batch,
+            n_batch=ALIGN,
             n_threads=self.n_threads,
             n_threads_batch=self.n_threads,
             swa_full=True,  # rolling the KV cache back to a shared prefix needs the whole window kept
             verbose=False,
         )
         self._n_vocab = self._llama.n_vocab()
+        self.evaluated_tokens = 0  # tokens actually decoded: shows what prefix reuse saves
 
     # --- tokens -------------------------------------------------------------------------
     def tokenize(self, text: str, bos: bool) -> list[int]:
@@ -73,6 +81,7 @@ class LlamaCppLLM:
         shared = 0
         while shared < limit and cached[shared] == tokens[shared]:
             shared += 1
+        shared -= shared % ALIGN
         llama._ctx.kv_cache_seq_rm(-1, shared, -1)
         llama.n_tokens = shared
         return shared
@@ -81,29 +90,37 @@ class LlamaCppLLM:
         """Evaluate tokens[start:] after the cached tokens[:start]; logits rows for positions >= want_logits_from."""
         llama = self._llama
         rows: list[np.ndarray] = []
-        n_batch = llama.n_batch
-        for lo in range(start, len(tokens), n_batch):
-            chunk = tokens[lo : lo + n_batch]
+        lo = start
+        while lo < len(tokens):
+            chunk = tokens[lo : (lo // ALIGN + 1) * ALIGN]  # chunks end at absolute multiples of ALIGN
             batch = llama._batch
             batch.set_batch(batch=chunk, n_past=lo, logits_all=False)
             flags = [lo + i >= want_logits_from for i in range(len(chunk))]
             for i, flag in enumerate(flags):
                 batch.batch.logits[i] = flag
             llama._ctx.decode(batch)
+            self.evaluated_tokens += len(chunk)
             llama.input_ids[lo : lo + len(chunk)] = chunk
             llama.n_tokens = lo + len(chunk)
             for i, flag in enumerate(flags):
                 if flag:
                     pointer = llama._ctx.get_logits_ith(i)
                     rows.append(np.ctypeslib.as_array(ctypes.cast(pointer, ctypes.POINTER(ctypes.c_float)), shape=(self._n_vocab,)).copy())
+            lo += len(chunk)
         return np.stack(rows) if rows else np.zeros((0, self._n_vocab), dtype=np.float32)
 
     # --- protocol -----------------------------------------------------------------------
     def generate(self, prompts: Sequence[str], params: GenerationParams) -> list[str]:
         texts = []
         for prompt in prompts:
+            # Evaluate the prompt ourselves (aligned, logits at its last token); create_completion
+            # then finds it fully cached and samples straight from those logits.
+            tokens = self.tokenize(prompt, bos=True)
+            start = self._rewind_to_shared_prefix(tokens, keep_at_most=len(tokens) - 1)
+            self._decode(tokens, start, want_logits_from=len(tokens) - 1)
+            self._llama._requires_eval = False
             out = self._llama.create_completion(
-                prompt,
+                tokens,
                 max_tokens=params.max_tokens,
                 temperature=params.temperature,
                 top_p=params.top_p,
@@ -125,7 +142,7 @@ class LlamaCppLLM:
                 results.append(ContinuationScore([], []))
                 continue
             tokens = prefix_tokens + cont_tokens
-            if len(tokens) > self._llama.n_ctx():
+            if len(tokens) >= self._llama.n_ctx():
                 raise LLMError(f"prefix + continuation is {len(tokens)} tokens, more than the context ({self._llama.n_ctx()})")
             first = len(prefix_tokens) - 1  # logits here predict the first continuation token
             start = self._rewind_to_shared_prefix(tokens, keep_at_most=first)
