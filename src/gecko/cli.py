@@ -38,6 +38,13 @@ def _cmd_llm_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from gecko.demo import run_demo
+
+    run_demo(passages=args.passages, llm_spec=args.llm)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gecko", description="Text embeddings distilled from an LLM (the Gecko recipe).")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -66,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--prefix", required=True)
     score.add_argument("--continuation", required=True)
     score.set_defaults(func=_cmd_llm_score)
+    demo = commands.add_parser("demo", help="run the pipeline on the bundled sample with the packaged models")
+    demo.add_argument("--passages", type=int, default=5)
+    demo.add_argument("--llm", default=DEFAULT)
+    demo.set_defaults(func=_cmd_demo)
     return parser
 
 
