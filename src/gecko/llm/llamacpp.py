@@ -43,6 +43,7 @@ def log_softmax_at(row: np.ndarray, token: int) -> float:
 class LlamaCppLLM:
     def __init__(self, model: str | Path = DEFAULT, n_ctx: int = 4096, n_threads: int | None = None):
         from llama_cpp import Llama
+        from llama_cpp._utils import suppress_stdout_stderr
 
         path = default_gguf_path() if str(model) == DEFAULT else Path(model)
         if not path.is_file():
@@ -50,15 +51,16 @@ class LlamaCppLLM:
         self.path = path
         self.n_threads = n_threads or int(os.environ.get("GECKO_LLM_THREADS", 0)) or free_cores()
         self.identity = f"llamacpp:{file_sha256(path)}"
-        self._llama = Llama(
-            model_path=str(path),
-            n_ctx=n_ctx,
-            n_batch=ALIGN,
-            n_threads=self.n_threads,
-            n_threads_batch=self.n_threads,
-            swa_full=True,  # rolling the KV cache back to a shared prefix needs the whole window kept
-            verbose=False,
-        )
+        with suppress_stdout_stderr(disable=False):  # llama.cpp prints context notes even when not verbose
+            self._llama = Llama(
+                model_path=str(path),
+                n_ctx=n_ctx,
+                n_batch=ALIGN,
+                n_threads=self.n_threads,
+                n_threads_batch=self.n_threads,
+                swa_full=True,  # rolling the KV cache back to a shared prefix needs the whole window kept
+                verbose=False,
+            )
         self._n_vocab = self._llama.n_vocab()
         self.evaluated_tokens = 0  # tokens actually decoded: shows what prefix reuse saves
 
