@@ -1,7 +1,9 @@
 """Backend for any OpenAI-compatible completions server (vLLM, llama-cpp-python's server, Ollama).
 
 Only the legacy `/v1/completions` endpoint is used: it is the one that can echo the prompt
-with per-token log-probabilities, which teacher-forced scoring needs.
+with per-token log-probabilities, which teacher-forced scoring needs. `generate` works on any
+such server; `score` needs echo + logprobs (vLLM, llama-cpp-python with logits_all) or vLLM's
+`prompt_logprobs`.
 
 Scoring sends prefix + continuation as one string, so the server tokenizes across the
 boundary; the continuation is every token that overlaps text past the prefix. Where a token
@@ -12,7 +14,6 @@ in-process backends that tokenize the two parts separately.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -67,6 +68,9 @@ class OpenAILLM:
         self.model = model or self._first_model()
         self.identity = f"openai:{self.base_url}#{self.model}"
 
+    def close(self) -> None:
+        self._client.close()
+
     # --- transport ----------------------------------------------------------------------
     def _request(self, method: str, path: str, body: dict | None, parse: Callable[[Any], Any]) -> Any:
         """One call with bounded retries and exponential backoff; `parse` failing counts as a bad body.
@@ -87,7 +91,7 @@ class OpenAILLM:
                     raise LLMError(f"{method} {url} was refused (not retried): HTTP {response.status_code}: {response.text[:500]!r}")
                 try:
                     return parse(response.json())
-                except (json.JSONDecodeError, KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
+                except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:  # incl. invalid JSON
                     raise _Retryable(f"bad response body ({type(e).__name__}: {e}): {response.text[:200]!r}") from e
             except httpx.TimeoutException as e:
                 problem = f"timed out ({type(e).__name__})"
@@ -151,32 +155,45 @@ Span = tuple[int, int, str, "float | None"]
 
 
 def echo_spans(data: dict, text: str) -> list[Span]:
-    """(start, end, token, logprob) of each echoed prompt token; tokens the server generated are dropped."""
-    lp = data["choices"][0]["logprobs"]
-    tokens, logprobs, offsets = lp["tokens"], lp["token_logprobs"], lp["text_offset"]
-    if not (len(tokens) == len(logprobs) == len(offsets)):
+    """(start, end, token, logprob) of each echoed prompt token; generated tokens are dropped.
+
+    Servers disagree on where text_offset starts (vLLM counts the BOS text, llama-cpp-python
+    skips BOS), but not on token widths, so spans are laid out from the end of the text.
+    """
+    logprobs = data["choices"][0]["logprobs"]
+    tokens, values, offsets = logprobs["tokens"], logprobs["token_logprobs"], logprobs["text_offset"]
+    if not (len(tokens) == len(values) == len(offsets)):
         raise ValueError("logprobs.tokens, token_logprobs and text_offset differ in length")
-    n = sum(1 for start in offsets if start < len(text))  # the rest were generated
-    ends = [*offsets[1:n], len(text)]  # next token's start: token strings may drop partial UTF-8
-    return [(offsets[i], ends[i], tokens[i], logprobs[i]) for i in range(n)]
+    generated = (data.get("usage") or {}).get("completion_tokens")
+    if generated is None:
+        generated = sum(1 for start in offsets if start >= len(text))
+    n = len(tokens) - generated
+    if n <= 0:
+        raise ValueError(f"no prompt tokens echoed ({len(tokens)} tokens, {generated} generated)")
+    widths = [b - a for a, b in zip(offsets[: n - 1], offsets[1:n])]
+    widths.append(offsets[n] - offsets[n - 1] if n < len(offsets) else len(tokens[n - 1]))
+    return _right_aligned(text, tokens[:n], widths, values[:n])
 
 
 def prompt_logprob_spans(data: dict, text: str) -> list[Span]:
     """Spans from vLLM's `prompt_logprobs`: [None, {token_id: {logprob, rank, decoded_token}}, ...].
 
-    Offsets are counted back from the end of the text, because the first token (often BOS)
-    comes as None with no decoded text.
+    The first position (often BOS) comes as None with no text, so spans are laid out from the end.
     """
-    entries = data["choices"][0]["prompt_logprobs"][1:]
-    picked = []
-    for entry in entries:
+    tokens, values = [], []
+    for entry in data["choices"][0]["prompt_logprobs"][1:]:
         if len(entry) != 1:  # with prompt_logprobs=0 only the prompt token itself is listed
             raise ValueError(f"expected one candidate per prompt position, got {len(entry)}")
         (info,) = entry.values()
-        picked.append((str(info["decoded_token"]), float(info["logprob"])))
+        tokens.append(str(info["decoded_token"]))
+        values.append(float(info["logprob"]))
+    return _right_aligned(text, tokens, [len(t) for t in tokens], values)
+
+
+def _right_aligned(text: str, tokens: list[str], widths: list[int], values: list) -> list[Span]:
     spans: list[Span] = []
     end = len(text)
-    for tok, logprob in reversed(picked):
-        spans.append((end - len(tok), end, tok, logprob))
-        end -= len(tok)
+    for token, width, value in zip(reversed(tokens), reversed(widths), reversed(values)):
+        spans.append((end - width, end, token, value))
+        end -= width
     return spans[::-1]
