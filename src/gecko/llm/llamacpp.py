@@ -63,6 +63,8 @@ class LlamaCppLLM:
             )
         self._n_vocab = self._llama.n_vocab()
         self.evaluated_tokens = 0  # tokens actually decoded: shows what prefix reuse saves
+        self.tokens_in = 0  # prompt tokens of generate calls
+        self.tokens_out = 0  # generated tokens
 
     # --- tokens -------------------------------------------------------------------------
     def tokenize(self, text: str, bos: bool) -> list[int]:
@@ -133,6 +135,8 @@ class LlamaCppLLM:
                 seed=params.seed,
             )
             texts.append(out["choices"][0]["text"])
+            self.tokens_in += len(tokens)
+            self.tokens_out += out["usage"]["completion_tokens"]
         return texts
 
     def score(self, prefix: str, continuations: Sequence[str]) -> list[ContinuationScore]:

@@ -1,0 +1,297 @@
+"""FRet step 1: the LLM reads each passage and writes a query for a sampled task.
+
+Per passage and query slot, the task type is drawn uniformly (seeded by the passage id, so
+the draw does not depend on processing order), a task description is taken from the type's
+catalogue, and the LLM completes a few-shot prompt. Its answer is parsed strictly; a rejected
+answer is retried with another seed up to `max_attempts` times. Progress goes to a journal so
+kill -9 and a rerun of the same command lose and repeat nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from tqdm import tqdm
+
+from gecko.corpus import Passage, load_corpus
+from gecko.journal import Journal, write_json_atomic, write_jsonl_atomic
+from gecko.llm import LLM, GenerationParams
+from gecko.prompts import GENERATE_PROMPTS, TASK_TYPES, few_shot_queries
+
+PREAMBLE = re.compile(
+    r"^(here (is|are)|sure\b|certainly|okay\b|of course|the (following|query|answer) (is|are)|"
+    r"(query|task|passage|answer|question)\s*\d*\s*:|i (think|would|will|can)\b|as an ai|below (is|are))",
+    re.IGNORECASE,
+)
+# meta-references instead of content: "Which of the following statements is true?"
+GENERIC = re.compile(
+    r"\b(this|the|that) (passage|text|study|article|paper|abstract|claim|query|question|sentence)\b|"
+    r"\bthe following\b",
+    re.IGNORECASE,
+)
+WORD = re.compile(r"[^\W_]+(?:[-'][^\W_]+)*", re.UNICODE)
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    task_types: tuple[str, ...] = tuple(TASK_TYPES)
+    per_passage: int = 1
+    seed: int = 0
+    max_attempts: int = 3
+    temperature: float = 0.7
+    top_p: float = 0.95
+    max_tokens: int = 48
+    max_passage_words: int = 300
+    prompt_style: str = "completion"
+    batch_size: int = 8
+
+    def __post_init__(self):
+        unknown = [t for t in self.task_types if t not in TASK_TYPES]
+        if unknown:
+            raise ValueError(f"unknown task type(s) {unknown}; known: {sorted(TASK_TYPES)}")
+        if self.prompt_style not in GENERATE_PROMPTS:
+            raise ValueError(f"unknown prompt style {self.prompt_style!r}; known: {sorted(GENERATE_PROMPTS)}")
+
+
+@dataclass
+class GeneratedQuery:
+    """One accepted (task, query) for a seed passage: a row of generated.jsonl."""
+
+    id: str
+    seed_id: str
+    task_type: str
+    task: str
+    query: str
+    prompt_id: str
+    model: str
+    temperature: float
+    top_p: float
+    max_tokens: int
+    sampling_seed: int
+    attempt: int
+    raw: str
+
+
+@dataclass
+class GenerateSummary:
+    passages: int = 0
+    passages_with_query: int = 0
+    accepted: int = 0
+    rejected: Counter = field(default_factory=Counter)
+    task_mix: Counter = field(default_factory=Counter)
+    mean_query_words: float = 0.0
+    llm_calls: int = 0
+    llm_cache_hits: int = 0
+    tokens_in: int = 0
+    tokens_out: int = 0
+    wall_s: float = 0.0
+
+    def render(self) -> str:
+        rate = self.passages_with_query / max(self.passages, 1)
+        lines = [
+            f"passages: {self.passages} ({self.passages_with_query} with an accepted query, {rate:.1%})",
+            f"accepted queries: {self.accepted}, mean {self.mean_query_words:.1f} words",
+            f"rejected: {sum(self.rejected.values())}"
+            + "".join(f"\n  {reason}: {n}" for reason, n in self.rejected.most_common()),
+            "task mix: " + ", ".join(f"{t} {n}" for t, n in sorted(self.task_mix.items())),
+            f"LLM calls: {self.llm_calls} (+{self.llm_cache_hits} from cache), tokens in {self.tokens_in}, out {self.tokens_out}",
+            f"wall time: {self.wall_s:.1f} s ({self.passages / max(self.wall_s, 1e-9):.2f} passages/s)",
+        ]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "rejected": dict(self.rejected), "task_mix": dict(self.task_mix)}
+
+
+def words(text: str) -> list[str]:
+    return WORD.findall(text.lower())
+
+
+def _overlap(a: Sequence[str], b: Sequence[str]) -> float:
+    sa, sb = set(a), set(b)
+    return len(sa & sb) / max(len(sa | sb), 1)
+
+
+def _longest_shared_run(query: list[str], passage: list[str]) -> int:
+    """Length of the longest run of query words that appears verbatim in the passage."""
+    text = " " + " ".join(passage) + " "
+    best = 0
+    for start in range(len(query)):
+        for end in range(start + best + 1, len(query) + 1):
+            if " " + " ".join(query[start:end]) + " " in text:
+                best = end - start
+            else:
+                break
+    return best
+
+
+def parse_query(raw: str, task_type: str, passage: Passage, examples: set[str]) -> tuple[str | None, str | None]:
+    """The query in an LLM completion, or None and the reason it was rejected.
+
+    Reasons: empty, preamble, not_text, too_short, too_long, copy_of_example, copy_of_passage,
+    off_topic (no content word in common with the passage: "What is the claim?").
+    """
+    if "\n" in raw.strip():  # a stop at newline failed: the model ran on
+        raw = raw.strip().split("\n", 1)[0]
+    text = raw.strip().strip("\"'`“”‘’").strip()
+    if not text:
+        return None, "empty"
+    if PREAMBLE.match(text) or GENERIC.search(text):
+        return None, "preamble"
+    tokens = words(text)
+    letters = sum(ch.isalpha() for ch in text)
+    if not tokens or letters < 0.5 * len(text) or "http" in text.lower() or "<" in text:
+        return None, "not_text"
+    spec = TASK_TYPES[task_type]
+    if len(tokens) < spec.min_words:
+        return None, "too_short"
+    if len(tokens) > spec.max_words:
+        return None, "too_long"
+    if any(_overlap(tokens, words(e)) >= 0.8 or _longest_shared_run(tokens, words(e)) >= 5 for e in examples):
+        return None, "copy_of_example"
+    passage_words = words(passage.text)
+    title_words = words(passage.title)
+    copies_title = bool(title_words) and _overlap(tokens, title_words) >= 0.8
+    copies_span = len(tokens) >= 6 and _longest_shared_run(tokens, passage_words) >= 0.8 * len(tokens)
+    if copies_title or copies_span:
+        return None, "copy_of_passage"
+    if not {w for w in tokens if len(w) >= 4} & set(passage_words + title_words):
+        return None, "off_topic"
+    return text, None
+
+
+def derive_seed(*parts: object) -> int:
+    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:4], "big")
+
+
+@dataclass
+class _Slot:
+    passage: Passage
+    index: int
+    task_type: str
+    task: str
+    attempt: int = 0
+
+
+def _plan_slots(passage: Passage, config: GenerateConfig) -> list[_Slot]:
+    rng = random.Random(derive_seed(config.seed, passage.id, "plan"))
+    slots = []
+    for index in range(config.per_passage):
+        task_type = rng.choice(config.task_types)
+        slots.append(_Slot(passage, index, task_type, rng.choice(TASK_TYPES[task_type].descriptions)))
+    return slots
+
+
+def _generate_batch(passages: list[Passage], llm: LLM, config: GenerateConfig) -> dict[str, dict]:
+    """Run every slot of these passages through attempts; returns a journal entry per passage."""
+    prompt_id, render = GENERATE_PROMPTS[config.prompt_style]
+    examples = few_shot_queries()
+    entries = {p.id: {"records": [], "rejected": Counter()} for p in passages}
+    pending = [slot for p in passages for slot in _plan_slots(p, config)]
+    while pending:
+        seeds = [derive_seed(config.seed, s.passage.id, s.index, s.attempt) for s in pending]
+        prompts = []
+        for slot in pending:
+            text = " ".join(slot.passage.text.split()[: config.max_passage_words])
+            prompts.append(render(text, slot.task_type))
+        # one call per distinct seed keeps the batch API while each sample has its own seed
+        raws = [
+            llm.generate(
+                [prompt],
+                GenerationParams(config.max_tokens, config.temperature, config.top_p, ("\n",), seed),
+            )[0]
+            for prompt, seed in zip(prompts, seeds)
+        ]
+        retry = []
+        for slot, seed, raw in zip(pending, seeds, raws):
+            entry = entries[slot.passage.id]
+            query, reason = parse_query(raw, slot.task_type, slot.passage, examples)
+            if query is not None and any(_overlap(words(query), words(r["query"])) >= 0.8 for r in entry["records"]):
+                query, reason = None, "duplicate"
+            if query is None:
+                entry["rejected"][reason] += 1
+                if slot.attempt + 1 < config.max_attempts:
+                    slot.attempt += 1
+                    retry.append(slot)
+                continue
+            record = GeneratedQuery(
+                id=f"{slot.passage.id}:q{slot.index}",
+                seed_id=slot.passage.id,
+                task_type=slot.task_type,
+                task=slot.task,
+                query=query,
+                prompt_id=prompt_id,
+                model=llm.identity,
+                temperature=config.temperature,
+                top_p=config.top_p,
+                max_tokens=config.max_tokens,
+                sampling_seed=seed,
+                attempt=slot.attempt,
+                raw=raw,
+            )
+            entry["records"].append(asdict(record))
+        pending = retry
+    for entry in entries.values():
+        entry["records"].sort(key=lambda r: r["id"])
+        entry["rejected"] = dict(entry["rejected"])
+    return entries
+
+
+def run_generate(
+    corpus: str | Path,
+    out: str | Path,
+    llm: LLM,
+    config: GenerateConfig = GenerateConfig(),
+    limit: int | None = None,
+    lenient: bool = False,
+    progress: bool = True,
+) -> GenerateSummary:
+    """Generate queries for a corpus into `out` (JSONL); resumable via `out`.journal."""
+    started = time.perf_counter()
+    out = Path(out)
+    passages, _ = load_corpus(corpus, lenient=lenient)  # validates everything before any write
+    if limit is not None:
+        passages = passages[:limit]
+    journal = Journal(out.with_name(out.name + ".journal"))
+    counters = ("backend_calls", "cache_hits", "tokens_in", "tokens_out")
+    before = {name: getattr(llm, name, 0) for name in counters}
+    todo = [p for p in passages if p.id not in journal]
+    bar = tqdm(total=len(passages), initial=len(passages) - len(todo), unit="passage", disable=not progress)
+    try:
+        for start in range(0, len(todo), config.batch_size):
+            batch = todo[start : start + config.batch_size]
+            for pid, entry in _generate_batch(batch, llm, config).items():
+                journal.add(pid, entry)
+            bar.update(len(batch))
+    finally:
+        bar.close()
+        journal.close()
+
+    wanted = {p.id for p in passages}
+    summary = GenerateSummary(passages=len(passages))
+    records = []
+    for entry in journal.entries():
+        if entry["key"] not in wanted:
+            continue
+        summary.rejected.update(entry["rejected"])
+        summary.passages_with_query += bool(entry["records"])
+        records.extend(entry["records"])
+    by_order = {p.id: i for i, p in enumerate(passages)}
+    records.sort(key=lambda r: (by_order[r["seed_id"]], r["id"]))
+    write_jsonl_atomic(out, records)
+    summary.accepted = len(records)
+    summary.task_mix.update(r["task_type"] for r in records)
+    summary.mean_query_words = sum(len(words(r["query"])) for r in records) / max(len(records), 1)
+    used = {name: getattr(llm, name, 0) - before[name] for name in counters}
+    summary.llm_calls, summary.llm_cache_hits = used["backend_calls"], used["cache_hits"]
+    summary.tokens_in, summary.tokens_out = used["tokens_in"], used["tokens_out"]
+    summary.wall_s = time.perf_counter() - started
+    write_json_atomic(out.with_name(out.name + ".summary.json"), summary.to_dict())
+    return summary

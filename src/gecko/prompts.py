@@ -1,0 +1,169 @@
+"""Every prompt the pipeline sends to an LLM, versioned: output records carry the prompt id.
+
+Changing a prompt's text changes its id (a content hash is part of it), so records made with
+different prompts can never be mixed up and the LLM cache never serves a stale answer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class TaskType:
+    """A kind of retrieval task: its catalogue of task descriptions and its query style.
+
+    `label` is the line a base model completes ("Claim:", "Question:"): a short natural cue
+    steers a small model far better than the instruction-like task description.
+    """
+
+    name: str
+    label: str
+    descriptions: tuple[str, ...]  # free-form task descriptions, as in the paper's examples
+    min_words: int = 3
+    max_words: int = 40
+
+
+TASK_TYPES: dict[str, TaskType] = {
+    t.name: t
+    for t in [
+        TaskType(
+            "question_answering",
+            "Question",
+            (
+                "Given a query, find a passage that has the answer to the query.",
+                "Given a question, retrieve passages that answer the question.",
+            ),
+        ),
+        TaskType(
+            "search_result",
+            "Search query",
+            (
+                "Given a query, find a passage that might show up as a search result.",
+                "Given a web search query, retrieve relevant passages.",
+            ),
+            min_words=2,
+            max_words=16,
+        ),
+        TaskType(
+            "fact_checking",
+            "Claim",
+            (
+                "Given a query, find a passage that allows you to check whether the query is true or not.",
+                "Given a claim, retrieve documents that support or refute the claim.",
+            ),
+            min_words=4,
+        ),
+        TaskType(
+            "sentence_similarity",
+            "Similar sentence",
+            (
+                "Retrieve semantically similar text.",
+                "Given a sentence, find a sentence with a similar meaning.",
+            ),
+            min_words=5,
+        ),
+        TaskType(
+            "keyword_query",
+            "Keywords",
+            ("Given a few keywords, find a passage about them.",),
+            min_words=2,
+            max_words=8,
+        ),
+        TaskType(
+            "title",
+            "Title",
+            ("Given a title, find the passage it could head.",),
+            min_words=3,
+            max_words=20,
+        ),
+    ]
+}
+
+# Few-shot examples for the completion prompt: each passage with one query per task type, in
+# one fixed block, so every passage and task type shares the same prefix (the backend
+# evaluates it once and reuses it).
+GENERATE_EXAMPLES: tuple[tuple[str, dict[str, str]], ...] = (
+    (
+        "Aspirin irreversibly inhibits the enzyme cyclooxygenase, which reduces the synthesis of "
+        "prostaglandins that mediate pain, fever and inflammation. At low doses it also reduces "
+        "platelet aggregation, which is why it is used to prevent heart attacks.",
+        {
+            "question_answering": "how does aspirin reduce inflammation?",
+            "search_result": "aspirin mechanism of action",
+            "fact_checking": "Low-dose aspirin lowers the risk of heart attacks by reducing platelet aggregation.",
+            "sentence_similarity": "Aspirin blocks an enzyme that makes the chemicals behind pain and swelling.",
+            "keyword_query": "aspirin cyclooxygenase prostaglandins",
+            "title": "How aspirin inhibits cyclooxygenase",
+        },
+    ),
+    (
+        "In a cohort of 12,000 adults followed for ten years, those who slept less than six hours a "
+        "night had a 48% higher risk of coronary heart disease than those who slept seven to eight "
+        "hours, after adjusting for age, smoking and body mass index.",
+        {
+            "question_answering": "does short sleep increase the risk of heart disease?",
+            "search_result": "sleep duration coronary heart disease risk",
+            "fact_checking": "Sleeping under six hours a night is linked to a higher risk of heart disease.",
+            "sentence_similarity": "Adults who sleep too little are more likely to develop heart disease.",
+            "keyword_query": "short sleep heart disease cohort",
+            "title": "Sleep duration and coronary heart disease in a ten-year cohort",
+        },
+    ),
+    (
+        "Mutations in the BRCA1 gene impair homologous recombination, the main pathway cells use to "
+        "repair DNA double-strand breaks. Carriers have a lifetime risk of breast cancer of up to 70% "
+        "and a markedly raised risk of ovarian cancer.",
+        {
+            "question_answering": "why do BRCA1 mutations increase cancer risk?",
+            "search_result": "BRCA1 DNA repair breast cancer",
+            "fact_checking": "BRCA1 mutation carriers have an increased risk of ovarian cancer.",
+            "sentence_similarity": "Faulty BRCA1 genes stop cells from fixing broken DNA and lead to cancer.",
+            "keyword_query": "BRCA1 homologous recombination",
+            "title": "BRCA1 mutations, DNA repair and hereditary breast cancer",
+        },
+    ),
+)
+
+
+def _prompt_id(name: str, content: object) -> str:
+    digest = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{name}@{digest}"
+
+
+def _few_shot_block() -> str:
+    return "".join(
+        f"Passage: {passage}\n" + "".join(f"{TASK_TYPES[t].label}: {q}\n" for t, q in queries.items()) + "\n"
+        for passage, queries in GENERATE_EXAMPLES
+    )
+
+
+def generate_prompt(passage: str, task_type: str) -> str:
+    """Few-shot completion prompt for base models; the query is the completion up to a newline.
+
+    The title is left out: small models copy it verbatim as the query.
+    """
+    return f"{_few_shot_block()}Passage: {passage}\n{TASK_TYPES[task_type].label}:"
+
+
+def generate_chat_prompt(passage: str, task_type: str) -> str:
+    """Instruction prompt for chat/instruction-tuned models; the answer is the query on one line."""
+    task = TASK_TYPES[task_type]
+    return (
+        "You write queries for a retrieval dataset. Read the passage and the task, then write one "
+        f"{task.label.lower()} for which the passage is relevant under the task. Reply with it only, "
+        "on one line, without quotes or explanations.\n\n"
+        f"Task: {task.descriptions[0]}\nPassage: {passage}\n{task.label}:"
+    )
+
+
+GENERATE_PROMPTS = {
+    "completion": (_prompt_id("generate-completion-v1", generate_prompt("", "title")), generate_prompt),
+    "chat": (_prompt_id("generate-chat-v1", generate_chat_prompt("", "title")), generate_chat_prompt),
+}
+
+
+def few_shot_queries() -> set[str]:
+    return {q for _, queries in GENERATE_EXAMPLES for q in queries.values()}
