@@ -1,45 +1,34 @@
 """`gecko demo`: the most complete pipeline that exists, on the bundled sample and the packaged models.
 
-Today that is corpus validation plus the LLM writing one search query per passage (the start
-of FRet step 1); it grows with each stage until it runs the whole recipe.
+Today: validate the bundled corpus, then FRet step 1 (the LLM writes a task and a query per
+passage). It grows with each stage until it runs the whole recipe.
 """
 
 from __future__ import annotations
 
-import time
+import json
 from importlib.resources import files
 from pathlib import Path
 
-from gecko.corpus import load_corpus
-from gecko.llm import GenerationParams, load_llm
+from gecko.corpus import check_corpus
+from gecko.generate import GenerateConfig, run_generate
+from gecko.llm import load_llm
 from gecko.models import DEFAULT
-
-# Few-shot *completion* prompt: the default Gemma 3 270M is a base model (no chat template).
-FEW_SHOT = (
-    "Passage: Aspirin irreversibly inhibits cyclooxygenase, which reduces the synthesis of prostaglandins "
-    "that mediate pain and inflammation.\n"
-    "Query: how does aspirin reduce inflammation\n\n"
-    "Passage: The Treaty of Westphalia of 1648 ended the Thirty Years' War and established the principle of "
-    "state sovereignty in Europe.\n"
-    "Query: what ended the thirty years war\n\n"
-)
 
 
 def sample_corpus() -> Path:
     return Path(str(files("gecko").joinpath("data/sample/scifact-sample.jsonl")))
 
 
-def run_demo(passages: int = 5, llm_spec: str = DEFAULT, max_words: int = 120) -> list[tuple[str, str]]:
-    corpus, summary = load_corpus(sample_corpus())
-    print(summary.render())
-    llm = load_llm(llm_spec)
-    params = GenerationParams(max_tokens=24, temperature=0.0, stop=("\n",))
-    rows = []
-    start = time.perf_counter()
-    for passage in corpus[:passages]:
-        text = " ".join(passage.text.split()[:max_words])
-        (query,) = llm.generate([FEW_SHOT + f"Passage: {text}\nQuery:"], params)
-        rows.append((passage.id, query.strip()))
-        print(f"{passage.id:>10}  {passage.title[:60]!r}\n{'':>10}  -> {query.strip()!r}")
-    print(f"\n{len(rows)} queries in {time.perf_counter() - start:.1f} s (LLM: {llm.identity[:40]}...)")
-    return rows
+def run_demo(out_dir: str | Path = "runs/demo", passages: int = 10, llm_spec: str = DEFAULT) -> Path:
+    out_dir = Path(out_dir)
+    corpus = sample_corpus()
+    print(check_corpus(corpus).render() + "\n")
+    generated = out_dir / "generated.jsonl"
+    summary = run_generate(corpus, generated, load_llm(llm_spec), GenerateConfig(), limit=passages)
+    print("\n" + summary.render() + "\n")
+    for line in generated.read_text().splitlines()[:6]:
+        record = json.loads(line)
+        print(f"{record['seed_id']:>9}  [{record['task_type']}] {record['query']}")
+    print(f"\nwritten: {generated}")
+    return generated

@@ -1,0 +1,117 @@
+"""FRet step 1 on the real packaged LLM and real SciFact passages."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow.json as pa_json
+import pytest
+
+from gecko.corpus import Passage
+from gecko.generate import GenerateConfig, parse_query, run_generate
+from gecko.llm import load_llm
+from gecko.prompts import few_shot_queries
+
+PASSAGE = Passage(
+    id="d1",
+    doc_id="d1",
+    title="Vitamin D and fracture risk in older adults",
+    text="In a trial of 2,000 adults over 70, vitamin D supplementation reduced hip fractures by 20% "
+    "compared with placebo, but only in participants who were deficient at baseline.",
+)
+
+
+@pytest.mark.parametrize(
+    "raw, reason",
+    [
+        ("   ", "empty"),
+        (" Here are three questions: does vitamin D help?", "preamble"),
+        (" Sure! vitamin D fractures", "preamble"),
+        (" Which of the following statements is true?", "preamble"),
+        (" 12345 67890 !!!", "not_text"),
+        (" see http://example.com/vitamin-d", "not_text"),
+        (" vitamin", "too_short"),
+        (" " + " ".join(["vitamin"] * 50), "too_long"),
+        (" how does aspirin reduce inflammation?", "copy_of_example"),
+        (" Vitamin D and fracture risk in older adults", "copy_of_passage"),
+        (" vitamin D supplementation reduced hip fractures by 20% compared with placebo", "copy_of_passage"),
+        (" What is the capital of France today?", "off_topic"),
+    ],
+)
+def test_parse_rejects_with_a_reason(raw, reason):
+    assert parse_query(raw, "question_answering", PASSAGE, few_shot_queries()) == (None, reason)
+
+
+def test_parse_accepts_a_real_query_and_strips_quotes():
+    query, reason = parse_query(' "does vitamin D prevent hip fractures in the elderly?"', "question_answering", PASSAGE, few_shot_queries())
+    assert (query, reason) == ("does vitamin D prevent hip fractures in the elderly?", None)
+
+
+def test_unknown_task_type_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown task type"):
+        GenerateConfig(task_types=("poetry",))
+
+
+def _slice(shared_data, tmp_path, n):
+    import gzip
+
+    path = tmp_path / "corpus.jsonl"
+    with gzip.open(shared_data / "scifact" / "corpus.jsonl.gz", "rt") as src, path.open("w") as dst:
+        for _, line in zip(range(n), src):
+            dst.write(line)
+    return path
+
+
+def test_quality_on_50_scifact_passages(shared_data, tmp_path):
+    corpus = _slice(shared_data, tmp_path, 50)
+    llm = load_llm("default", cache=tmp_path / "cache.sqlite", n_threads=1)
+    out = tmp_path / "generated.jsonl"
+    summary = run_generate(corpus, out, llm, GenerateConfig(), progress=False)
+    print("\n" + summary.render())
+    assert summary.passages == 50
+    assert summary.passages_with_query >= 45  # >= 90% of passages yield an accepted query
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    examples = {q.lower() for q in few_shot_queries()}
+    assert not [r for r in records if r["query"].lower() in examples]
+    assert len({r["id"] for r in records}) == len(records)
+    assert set(summary.task_mix) <= set(GenerateConfig().task_types) and len(summary.task_mix) >= 4
+    table = pa_json.read_json(out)  # the schema is uniform: readable by HF datasets / Arrow
+    assert {"id", "seed_id", "task_type", "task", "query", "prompt_id", "model", "raw"} <= set(table.column_names)
+
+
+def test_kill_9_then_rerun_finishes_exactly_once(shared_data, tmp_path):
+    corpus = _slice(shared_data, tmp_path, 20)
+    out = tmp_path / "generated.jsonl"
+    env = {**os.environ, "GECKO_LLM_CACHE": str(tmp_path / "cache.sqlite"), "GECKO_LLM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "gecko.cli", "generate", "--corpus", str(corpus), "--out", str(out), "--batch-size", "2"]
+    first = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    journal = tmp_path / "generated.jsonl.journal"
+    deadline = time.time() + 180
+    while time.time() < deadline and (not journal.exists() or journal.read_text().count("\n") < 6):
+        time.sleep(0.05)
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait()
+    assert not out.exists(), "the final output is only written once every passage is done"
+
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "cache.sqlite") as db:
+        cached_before = db.execute("SELECT COUNT(*) FROM calls").fetchone()[0]
+    rerun = subprocess.run(cmd + ["--summary-json"], env=env, capture_output=True, text=True, check=True)
+    summary = json.loads(rerun.stdout)
+    with sqlite3.connect(tmp_path / "cache.sqlite") as db:
+        cached_after = db.execute("SELECT COUNT(*) FROM calls").fetchone()[0]
+    assert summary["llm_calls"] == cached_after - cached_before  # every call of the rerun is new work
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    seeds = [r["seed_id"] for r in records]
+    assert len(seeds) == len(set(seeds)) and summary["passages"] == 20
+    assert summary["passages_with_query"] == len(set(seeds))
+
+    again = subprocess.run(cmd + ["--summary-json"], env=env, capture_output=True, text=True, check=True)
+    assert json.loads(again.stdout)["llm_calls"] == 0
+    assert [json.loads(line) for line in out.read_text().splitlines()] == records
