@@ -1,0 +1,183 @@
+"""What a run leaves in its output folder, and baselines to compare it with.
+
+`write_report(results, out, baseline)` writes, each atomically (temp file + os.replace):
+* `results.json`: model, dims, prompts, backend, versions and per task the split, main metric,
+  prompts used and every score per dim (flat MTEB score dicts, 0-1 scale);
+* `mteb/dim{D}/{Task}.json`: one MTEB `TaskResult` file per task and dim (loadable by mteb);
+* `results.md`: the main scores x100 per task and dim, with a delta column per dim vs the baseline;
+* `score_vs_dim.png`: main score against dimension, one line per task (baseline dashed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from gecko.evaluate.core import Results, TaskScores
+from gecko.evaluate.tasks import EvalError
+
+
+def load_results(path) -> Results:
+    """A run's results from its `results.json` or its output folder."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "results.json"
+    if not path.is_file():
+        raise EvalError(f"{path}: no such results file")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise EvalError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from None
+    try:
+        return Results.from_dict(data)
+    except (EvalError, KeyError, TypeError, ValueError) as err:
+        raise EvalError(f"{path}: {err}") from None
+
+
+def is_results(path) -> bool:
+    path = Path(path)
+    return path.suffix.lower() == ".json" or (path / "results.json").is_file()
+
+
+def _name(results: Results) -> str:
+    spec = results.model.get("spec", "?")
+    return "default (all-MiniLM-L6-v2)" if spec == "default" else str(spec)
+
+
+def _fmt(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.2f}"
+
+
+def _delta(ours: float | None, base: float | None) -> str:
+    return "–" if ours is None or base is None else f"{100 * (ours - base):+.2f}"
+
+
+def markdown_table(results: Results, baseline: Results | None = None) -> str:
+    dims = results.dims
+    head = ["task", "split", "metric"]
+    for d in dims:
+        head.append(str(d))
+        if baseline is not None:
+            head.append(f"Δ{d}")
+    lines = [
+        f"# gecko eval: {_name(results)}",
+        "",
+        f"- model: `{results.model.get('path', '?')}` (identity {str(results.model.get('identity', '?'))[:12]})",
+        f"- prompts: {'on' if results.prompts else 'off (plain texts, MTEB style)'}; scored by: {results.backend}"
+        + (f" {results.versions.get('mteb')}" if results.backend == "mteb" else ""),
+    ]
+    if baseline is not None:
+        lines.append(
+            f"- baseline: `{_name(baseline)}` "
+            f"(prompts {'on' if baseline.prompts else 'off'}); Δ = ours − baseline, points"
+        )
+    lines += ["- scores ×100 (main metric of each task)", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for t in results.tasks:
+        base = baseline.task(t.task) if baseline is not None else None
+        row = [t.task, t.split, t.main_metric]
+        for d in dims:
+            row.append(_fmt(t.main_score(d)))
+            if baseline is not None:
+                row.append(_delta(t.main_score(d), base.main_score(d) if base else None))
+        lines.append("| " + " | ".join(row) + " |")
+    if len(results.tasks) > 1:
+        row = ["average", "", ""]
+        for d in dims:
+            mine = [t.main_score(d) for t in results.tasks]
+            avg = sum(mine) / len(mine) if all(m is not None for m in mine) else None
+            row.append(_fmt(avg))
+            if baseline is not None:
+                theirs = [baseline.task(t.task).main_score(d) if baseline.task(t.task) else None for t in results.tasks]
+                bavg = sum(theirs) / len(theirs) if all(m is not None for m in theirs) else None
+                row.append(_delta(avg, bavg))
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: Results, path, baseline: Results | None = None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    dims = sorted(results.dims)
+    for i, t in enumerate(results.tasks):
+        color = f"C{i % 10}"
+        xs = [d for d in dims if t.main_score(d) is not None]
+        ax.plot(xs, [100 * t.main_score(d) for d in xs], marker="o", color=color, label=f"{t.task} ({t.main_metric})")
+        base = baseline.task(t.task) if baseline is not None else None
+        if base is not None:
+            bx = [d for d in sorted(baseline.dims) if base.main_score(d) is not None]
+            if bx:
+                ax.plot(bx, [100 * base.main_score(d) for d in bx], linestyle="--", marker=".", color=color, alpha=0.6,
+                        label=f"{t.task} baseline")
+    if len(dims) > 1 and dims[-1] / dims[0] >= 4:
+        ax.set_xscale("log", base=2)
+    ax.set_xticks(dims)
+    ax.set_xticklabels([str(d) for d in dims])
+    ax.set_xlabel("embedding dimension (Matryoshka truncation)")
+    ax.set_ylabel("main score ×100")
+    ax.set_title(f"{_name(results)}: score vs dimension" + ("" if results.prompts else " (no prompts)"))
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def _atomic_write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def mteb_task_result(results: Results, t: TaskScores, dim: int) -> dict:
+    """The MTEB `TaskResult` JSON of one task at one dim (from mteb itself when it scored the run)."""
+    result = results.mteb_results.get((t.task, dim))
+    if result is not None:
+        data = result.model_dump(mode="json")
+        data["date"] = result.date.timestamp() if result.date else None
+        return data
+    return {
+        "dataset_revision": "local",
+        "task_name": t.mteb_task or f"gecko-{t.task}",
+        "mteb_version": None,
+        "scores": {t.split: [{**t.scores[dim], "hf_subset": "default", "languages": ["eng-Latn"]}]},
+        "evaluation_time": t.evaluation_time,
+        "kg_co2_emissions": None,
+    }
+
+
+def write_report(results: Results, out_dir, baseline: Results | None = None) -> dict[str, Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data = results.to_dict()
+    if baseline is not None:
+        data["baseline"] = {
+            "model": baseline.model,
+            "prompts": baseline.prompts,
+            "main_score": {t.task: {str(d): t.main_score(d) for d in baseline.dims} for t in baseline.tasks},
+        }
+    paths = {"json": _atomic_write(out / "results.json", json.dumps(data, indent=2, ensure_ascii=False) + "\n")}
+    for t in results.tasks:
+        for dim in t.scores:
+            name = (t.mteb_task or f"gecko-{t.task}") + ".json"
+            _atomic_write(out / "mteb" / f"dim{dim}" / name, json.dumps(mteb_task_result(results, t, dim), indent=2) + "\n")
+    paths["mteb"] = out / "mteb"
+    paths["markdown"] = _atomic_write(out / "results.md", markdown_table(results, baseline))
+    paths["plot"] = plot(results, out / "score_vs_dim.png", baseline)
+    return paths

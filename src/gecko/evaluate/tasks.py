@@ -1,0 +1,326 @@
+"""Evaluation tasks: declarative descriptions of local datasets, and their loaders.
+
+A task is a small frozen dataclass (name, path, split, prompt, ...) whose class fixes the task
+type and main metric, in the style of MTEB's task classes:
+
+* `RetrievalTask`: a BEIR folder (corpus.jsonl[.gz], queries.jsonl[.gz], qrels.{split}.tsv or
+  qrels/{split}.tsv); main score nDCG@10.
+* `STSTask`: `{split}.tsv` with header `sentence1<TAB>sentence2<TAB>score[...]`, no quoting;
+  main score Spearman correlation of cosine similarity with the gold score.
+* `ClassificationTask`: `train.csv` and `{split}.csv` with header `text,category` (or `label`);
+  main score accuracy of a logistic regression trained on embeddings (MTEB's protocol).
+
+`KNOWN_TASKS` maps the datasets we ship (scifact, stsb, sts12..sts16, banking77) to their task
+class, split, MTEB name and task prompt. `resolve_task("name", path)` uses it, or sniffs the folder
+for any other name. Every problem with the input is raised as `EvalError` naming the task and,
+where there is one, the file and line.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+from gecko.corpus import CorpusError, Passage, load_beir
+
+
+class EvalError(ValueError):
+    """An evaluation that cannot run as asked; the message names the task, file and line."""
+
+
+@dataclass(frozen=True)
+class Task:
+    """What to evaluate: `name` labels it in reports; `prompt` is the Gecko task description.
+
+    With prompts on, a query-side text is embedded as `task: {prompt} | query: {text}` and a
+    document as `title: {title} | text: {text}` (the Gecko paper's formats); symmetric tasks (STS,
+    classification) use the query format on both sides.
+    """
+
+    name: str
+    path: Path
+    split: str = "test"
+    prompt: str = "search result"
+    mteb_name: str | None = None  # the MTEB task whose protocol and metadata this mirrors
+
+    type: ClassVar[str] = ""
+    main_metric: ClassVar[str] = ""
+
+    def __post_init__(self):
+        object.__setattr__(self, "path", Path(self.path))
+
+    def describe(self) -> dict:
+        return {
+            "task": self.name,
+            "type": self.type,
+            "path": str(self.path),
+            "split": self.split,
+            "main_metric": self.main_metric,
+            "mteb_task": self.mteb_name,
+        }
+
+
+@dataclass(frozen=True)
+class RetrievalTask(Task):
+    type: ClassVar[str] = "retrieval"
+    main_metric: ClassVar[str] = "ndcg_at_10"
+    k_values: tuple[int, ...] = (1, 3, 5, 10, 20, 100, 1000)  # MTEB's
+
+
+@dataclass(frozen=True)
+class STSTask(Task):
+    prompt: str = "sentence similarity"
+    type: ClassVar[str] = "sts"
+    main_metric: ClassVar[str] = "cosine_spearman"
+
+
+@dataclass(frozen=True)
+class ClassificationTask(Task):
+    prompt: str = "classification"
+    train_split: str = "train"
+    # MTEB's AbsTaskClassification: 10 experiments, each a logistic regression (max_iter=100)
+    # trained on 8 examples per label drawn from the train split, accuracy averaged.
+    n_experiments: int = 10
+    samples_per_label: int = 8
+    max_iter: int = 100
+    seed: int = 42
+    type: ClassVar[str] = "classification"
+    main_metric: ClassVar[str] = "accuracy"
+
+
+TASK_TYPES: dict[str, type[Task]] = {cls.type: cls for cls in (RetrievalTask, STSTask, ClassificationTask)}
+
+
+@dataclass(frozen=True)
+class KnownTask:
+    cls: type[Task]
+    mteb_name: str
+    prompt: str
+    split: str = "test"
+
+
+# Task descriptions as in the Gecko paper's formats (`task: {description} | query: ...`).
+KNOWN_TASKS: dict[str, KnownTask] = {
+    "scifact": KnownTask(RetrievalTask, "SciFact", "fact checking"),
+    "stsb": KnownTask(STSTask, "STSBenchmark", "sentence similarity"),
+    **{f"sts{n}": KnownTask(STSTask, f"STS{n}", "sentence similarity") for n in (12, 13, 14, 15, 16)},
+    "banking77": KnownTask(ClassificationTask, "Banking77Classification", "classification"),
+}
+
+
+def resolve_task(name: str, path, *, type: str | None = None, split: str | None = None) -> Task:
+    """The task for `name=path`: a known dataset name, an explicit `type`, or the folder sniffed."""
+    path = Path(path)
+    if not name:
+        raise EvalError(f"task for {path}: empty name")
+    if not path.exists():
+        raise EvalError(f"task {name}: {path}: no such file or directory")
+    if not path.is_dir():
+        raise EvalError(f"task {name}: {path}: expected a dataset folder")
+    known = KNOWN_TASKS.get(name.lower())
+    if type is not None:
+        cls = TASK_TYPES.get(type.lower())
+        if cls is None:
+            raise EvalError(f"task {name}: unknown task type {type!r}; known types: {', '.join(TASK_TYPES)}")
+        if known is not None and known.cls is not cls:
+            known = None
+    elif known is not None:
+        cls = known.cls
+    else:
+        cls = sniff_task_type(name, path, split or "test")
+    kwargs = {"name": name, "path": path, "split": split or (known.split if known else "test")}
+    if known is not None:
+        kwargs.update(prompt=known.prompt, mteb_name=known.mteb_name)
+    return cls(**kwargs)
+
+
+def parse_task_spec(spec: str) -> Task:
+    """`NAME=PATH` or `NAME:TYPE=PATH` (TYPE: retrieval, sts, classification), as on the command line."""
+    name, sep, path = spec.partition("=")
+    if not sep or not name or not path:
+        raise EvalError(f"--task {spec!r}: expected NAME=PATH or NAME:TYPE=PATH")
+    name, _, type_ = name.partition(":")
+    return resolve_task(name, path, type=type_ or None)
+
+
+def sniff_task_type(name: str, path: Path, split: str = "test") -> type[Task]:
+    if any((path / f).is_file() for f in ("corpus.jsonl", "corpus.jsonl.gz")):
+        return RetrievalTask
+    tsv = path / f"{split}.tsv"
+    if tsv.is_file() and "score" in _header(tsv, "\t"):
+        return STSTask
+    train, test = path / "train.csv", path / f"{split}.csv"
+    if train.is_file() and test.is_file():
+        header = _header(train, ",")
+        if "text" in header and ("category" in header or "label" in header):
+            return ClassificationTask
+    raise EvalError(
+        f"task {name}: cannot tell the task type of {path}: expected corpus.jsonl[.gz] (retrieval), "
+        f"{split}.tsv with a score column (sts), or train.csv and {split}.csv with text,category columns "
+        "(classification); or name the type: NAME:TYPE=PATH"
+    )
+
+
+def _header(path: Path, delimiter: str) -> list[str]:
+    with path.open(encoding="utf-8-sig", newline="") as handle:
+        line = handle.readline()
+    return [c.strip() for c in line.rstrip("\r\n").split(delimiter)]
+
+
+# ---------------------------------------------------------------- loaded data
+
+
+@dataclass
+class RetrievalData:
+    corpus: list[Passage]
+    queries: dict[str, str]
+    qrels: dict[str, dict[str, int]]
+
+
+@dataclass
+class STSData:
+    sentence1: list[str]
+    sentence2: list[str]
+    scores: list[float]
+
+
+@dataclass
+class ClassificationData:
+    train_texts: list[str]
+    train_labels: list[int]
+    test_texts: list[str]
+    test_labels: list[int]
+    label_names: list[str] = field(default_factory=list)
+
+
+def load_task_data(task: Task):
+    """The task's data, fully validated before anything is embedded."""
+    try:
+        if isinstance(task, RetrievalTask):
+            return _load_retrieval(task)
+        if isinstance(task, STSTask):
+            return _load_sts(task)
+        if isinstance(task, ClassificationTask):
+            return _load_classification(task)
+    except CorpusError as err:
+        raise EvalError(f"task {task.name}: {err}") from None
+    raise EvalError(f"task {task.name}: unknown task type {type(task).__name__}")
+
+
+def _load_retrieval(task: RetrievalTask) -> RetrievalData:
+    data = load_beir(task.path, task.split)
+    if not data.qrels:
+        raise EvalError(f"task {task.name}: {task.path}: qrels for split {task.split!r} judge no query")
+    return RetrievalData(data.corpus, data.queries, data.qrels)
+
+
+def _require(path: Path, task: Task) -> Path:
+    if not path.is_file():
+        raise EvalError(f"task {task.name}: {path}: no such file")
+    return path
+
+
+def _load_sts(task: STSTask) -> STSData:
+    path = _require(task.path / f"{task.split}.tsv", task)
+    rows = _read_table(path, "\t", task)
+    header = rows[0][1]
+    missing = [c for c in ("sentence1", "sentence2", "score") if c not in header]
+    if missing:
+        raise EvalError(f"task {task.name}: {path}:1: missing column(s) {', '.join(missing)}; header is {header}")
+    i1, i2, iscore = (header.index(c) for c in ("sentence1", "sentence2", "score"))
+    data = STSData([], [], [])
+    for lineno, row in rows[1:]:
+        if len(row) != len(header):
+            raise EvalError(f"task {task.name}: {path}:{lineno}: expected {len(header)} tab-separated fields, got {len(row)}")
+        try:
+            score = float(row[iscore])
+        except ValueError:
+            raise EvalError(f"task {task.name}: {path}:{lineno}: score {row[iscore]!r} is not a number") from None
+        data.sentence1.append(row[i1])
+        data.sentence2.append(row[i2])
+        data.scores.append(score)
+    if len(data.scores) < 2:
+        raise EvalError(f"task {task.name}: {path}: needs at least 2 scored pairs, found {len(data.scores)}")
+    return data
+
+
+def _load_classification(task: ClassificationTask) -> ClassificationData:
+    train = _labelled(_require(task.path / f"{task.train_split}.csv", task), task)
+    test = _labelled(_require(task.path / f"{task.split}.csv", task), task)
+    names = _label_order(task.path, [label for _, label in train], task)
+    index = {label: i for i, label in enumerate(names)}
+    unseen = sorted({label for _, label in test} - set(index))
+    if unseen:
+        raise EvalError(
+            f"task {task.name}: {task.path / (task.split + '.csv')}: label(s) {unseen[:5]} never occur in {task.train_split}.csv"
+        )
+    if len(names) < 2:
+        raise EvalError(f"task {task.name}: {task.path / (task.train_split + '.csv')}: needs at least 2 labels, found {len(names)}")
+    return ClassificationData(
+        [t for t, _ in train], [index[l] for _, l in train], [t for t, _ in test], [index[l] for _, l in test], names
+    )
+
+
+def _labelled(path: Path, task: Task) -> list[tuple[str, str]]:
+    rows = _read_table(path, ",", task)
+    header = rows[0][1]
+    label_col = "category" if "category" in header else "label" if "label" in header else None
+    if "text" not in header or label_col is None:
+        raise EvalError(f"task {task.name}: {path}:1: expected columns text and category (or label); header is {header}")
+    it, il = header.index("text"), header.index(label_col)
+    out = []
+    for lineno, row in rows[1:]:
+        if len(row) != len(header):
+            raise EvalError(f"task {task.name}: {path}:{lineno}: expected {len(header)} fields, got {len(row)}")
+        if not row[il].strip():
+            raise EvalError(f"task {task.name}: {path}:{lineno}: empty label")
+        out.append((row[it], row[il]))
+    if not out:
+        raise EvalError(f"task {task.name}: {path}: no rows")
+    return out
+
+
+def _label_order(root: Path, train_labels: list[str], task: Task) -> list[str]:
+    """Label ids follow categories.json when the folder has one (as the HF dataset's ClassLabel does)."""
+    seen = set(train_labels)
+    cats = root / "categories.json"
+    if cats.is_file():
+        try:
+            names = json.loads(cats.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise EvalError(f"task {task.name}: {cats}:{err.lineno}: invalid JSON: {err.msg}") from None
+        if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+            raise EvalError(f"task {task.name}: {cats}: expected a JSON list of label names")
+        extra = sorted(seen - set(names))
+        if extra:
+            raise EvalError(f"task {task.name}: label(s) {extra[:5]} of {task.train_split}.csv are not in {cats}")
+        return [n for n in names if n in seen]
+    return sorted(seen)
+
+
+def _read_table(path: Path, delimiter: str, task: Task) -> list[tuple[int, list[str]]]:
+    """(line number, fields) of a CSV (RFC 4180 quoting) or TSV (no quoting); the first row is the header."""
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise EvalError(f"task {task.name}: {path}: invalid UTF-8 at byte {err.start}") from None
+    csv.field_size_limit(sys.maxsize)
+    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting)
+    rows, end = [], 0
+    try:
+        for row in reader:
+            start, end = end + 1, reader.line_num
+            if row:
+                rows.append((start, row))
+    except csv.Error as err:
+        raise EvalError(f"task {task.name}: {path}:{reader.line_num}: {err}") from None
+    if not rows:
+        raise EvalError(f"task {task.name}: {path}:1: empty file, expected a header row")
+    rows[0] = (rows[0][0], [c.strip() for c in rows[0][1]])
+    return rows
