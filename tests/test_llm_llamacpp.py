@@ -104,3 +104,18 @@ def test_label_logprobs_are_exact(llamacpp):
     assert math.isclose(sum(math.exp(v) for v in labels.normalized().values()), 1.0, rel_tol=1e-9)
     multi = llamacpp.label_logprobs(prompt, [" Yes indeed", " No"])  # multi-token label: scored
     assert multi.logprobs[" Yes indeed"] < multi.logprobs.get(" Yes", 0)
+
+
+def test_batched_generation_shares_the_prefix_and_is_deterministic(llamacpp):
+    prompts = [FEW_SHOT + f"Passage: {p}\nQuery:" for p in PASSAGES]
+    params = GenerationParams(max_tokens=16, stop=("\n",))
+    alone = [llamacpp.generate([p], params)[0] for p in prompts]
+    before = llamacpp.evaluated_tokens
+    together = llamacpp.generate(prompts, params)
+    batched_cost = llamacpp.evaluated_tokens - before
+    assert llamacpp.generate(prompts, params) == together  # same batch, same texts
+    # a prompt's first token depends on that prompt only; later ones may differ in the last bits
+    first = [llamacpp.tokenize(t, bos=False)[:1] for t in together]
+    assert first == [llamacpp.tokenize(t, bos=False)[:1] for t in alone]
+    prompt_tokens = sum(len(llamacpp.tokenize(p, bos=True)) for p in prompts)
+    assert batched_cost < prompt_tokens  # the shared few-shot prefix was evaluated once

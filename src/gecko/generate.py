@@ -177,7 +177,6 @@ class _Slot:
     index: int
     task_type: str
     task: str
-    attempt: int = 0
 
 
 def _plan_slots(passage: Passage, config: GenerateConfig) -> list[_Slot]:
@@ -195,30 +194,23 @@ def _generate_batch(passages: list[Passage], llm: LLM, config: GenerateConfig) -
     examples = few_shot_queries()
     entries = {p.id: {"records": [], "rejected": Counter()} for p in passages}
     pending = [slot for p in passages for slot in _plan_slots(p, config)]
+    attempt = 0
     while pending:
-        seeds = [derive_seed(config.seed, s.passage.id, s.index, s.attempt) for s in pending]
-        prompts = []
-        for slot in pending:
-            text = " ".join(slot.passage.text.split()[: config.max_passage_words])
-            prompts.append(render(text, slot.task_type))
-        # one call per distinct seed keeps the batch API while each sample has its own seed
-        raws = [
-            llm.generate(
-                [prompt],
-                GenerationParams(config.max_tokens, config.temperature, config.top_p, ("\n",), seed),
-            )[0]
-            for prompt, seed in zip(prompts, seeds)
-        ]
+        # every slot in a round is on the same attempt, so one batched call per round; the
+        # backend derives each prompt's random stream from (seed, prompt)
+        seed = derive_seed(config.seed, "attempt", attempt)
+        prompts = [render(" ".join(s.passage.text.split()[: config.max_passage_words]), s.task_type) for s in pending]
+        params = GenerationParams(config.max_tokens, config.temperature, config.top_p, ("\n",), seed)
+        raws = llm.generate(prompts, params)
         retry = []
-        for slot, seed, raw in zip(pending, seeds, raws):
+        for slot, raw in zip(pending, raws):
             entry = entries[slot.passage.id]
             query, reason = parse_query(raw, slot.task_type, slot.passage, examples)
             if query is not None and any(_overlap(words(query), words(r["query"])) >= 0.8 for r in entry["records"]):
                 query, reason = None, "duplicate"
             if query is None:
                 entry["rejected"][reason] += 1
-                if slot.attempt + 1 < config.max_attempts:
-                    slot.attempt += 1
+                if attempt + 1 < config.max_attempts:
                     retry.append(slot)
                 continue
             record = GeneratedQuery(
@@ -233,11 +225,12 @@ def _generate_batch(passages: list[Passage], llm: LLM, config: GenerateConfig) -
                 top_p=config.top_p,
                 max_tokens=config.max_tokens,
                 sampling_seed=seed,
-                attempt=slot.attempt,
+                attempt=attempt,
                 raw=raw,
             )
             entry["records"].append(asdict(record))
         pending = retry
+        attempt += 1
     for entry in entries.values():
         entry["records"].sort(key=lambda r: r["id"])
         entry["rejected"] = dict(entry["rejected"])

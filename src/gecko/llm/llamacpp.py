@@ -6,14 +6,20 @@ token. The KV cache keeps whatever prefix the last call left, so consecutive cal
 few-shot prefix evaluate only what differs.
 
 llama.cpp's CPU kernels depend on batch size, so a token's logits depend on which tokens
-shared its batch. Tokens are therefore always decoded in chunks at fixed absolute positions
+shared its batch. Prompts are therefore always decoded in chunks at fixed absolute positions
 (multiples of ALIGN) and the cache is only ever rewound to such a boundary: a prompt gets
 bit-identical logits whatever an earlier call left in the cache.
+
+`generate` decodes a batch of prompts together: their shared prefix is evaluated once and
+copied to one KV sequence per prompt, then every step samples one token for each live
+sequence in a single decode. Each prompt's first token depends only on that prompt; later
+tokens can differ in the last bits with the batch they were decoded in (see above).
 """
 
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import os
 from pathlib import Path
 from typing import Sequence
@@ -24,6 +30,7 @@ from gecko.llm.base import ContinuationScore, GenerationParams, LabelScores, LLM
 from gecko.models import DEFAULT, default_gguf_path, file_sha256
 
 ALIGN = 64
+MAIN = 0  # the KV sequence that scoring uses and that holds the shared prefix
 
 
 def free_cores() -> int:
@@ -40,9 +47,35 @@ def log_softmax_at(row: np.ndarray, token: int) -> float:
     return float(row[token] - top - np.log(np.exp(row - top).sum()))
 
 
+def sample_token(row: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
+    """Greedy at temperature 0; otherwise nucleus sampling from softmax(logits / temperature)."""
+    if temperature <= 0:
+        return int(np.argmax(row))
+    logits = row.astype(np.float64) / temperature
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    if top_p < 1.0:
+        order = np.argsort(-probs)
+        keep = order[: int(np.searchsorted(np.cumsum(probs[order]), top_p)) + 1]
+        return int(rng.choice(keep, p=probs[keep] / probs[keep].sum()))
+    return int(rng.choice(len(probs), p=probs))
+
+
+def prompt_seed(seed: int, prompt: str) -> int:
+    """A per-prompt random stream: a prompt's sample does not depend on its batch neighbours."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{prompt}".encode()).digest()[:8], "big")
+
+
 class LlamaCppLLM:
-    def __init__(self, model: str | Path = DEFAULT, n_ctx: int = 4096, n_threads: int | None = None):
-        from llama_cpp import Llama
+    def __init__(
+        self,
+        model: str | Path = DEFAULT,
+        n_ctx: int = 8192,
+        n_threads: int | None = None,
+        max_batch: int = 8,
+    ):
+        import llama_cpp
+        from llama_cpp import Llama, _internals
         from llama_cpp._utils import suppress_stdout_stderr
 
         path = default_gguf_path() if str(model) == DEFAULT else Path(model)
@@ -50,21 +83,31 @@ class LlamaCppLLM:
             raise FileNotFoundError(f"GGUF model not found: {path}")
         self.path = path
         self.n_threads = n_threads or int(os.environ.get("GECKO_LLM_THREADS", 0)) or free_cores()
+        self.max_batch = max_batch
         self.identity = f"llamacpp:{file_sha256(path)}"
         with suppress_stdout_stderr(disable=False):  # llama.cpp prints context notes even when not verbose
-            self._llama = Llama(
-                model_path=str(path),
-                n_ctx=n_ctx,
-                n_batch=ALIGN,
-                n_threads=self.n_threads,
-                n_threads_batch=self.n_threads,
-                swa_full=True,  # rolling the KV cache back to a shared prefix needs the whole window kept
-                verbose=False,
-            )
+            # Llama loads the weights and tokenizer; its own context stays tiny and unused.
+            self._llama = Llama(model_path=str(path), n_ctx=ALIGN, n_batch=ALIGN, n_threads=1, verbose=False)
+            params = llama_cpp.llama_context_default_params()
+            params.n_ctx = n_ctx
+            params.n_batch = params.n_ubatch = ALIGN * max(1, max_batch)
+            params.n_seq_max = max_batch + 1  # MAIN plus one sequence per prompt of a batch
+            params.n_threads = params.n_threads_batch = self.n_threads
+            params.kv_unified = True  # the prompts of a batch share the cells of their common prefix
+            params.swa_full = True  # rolling the KV cache back to a shared prefix needs the whole window kept
+            self._ctx = _internals.LlamaContext(model=self._llama._model, params=params, verbose=False)
+            self._batch = _internals.LlamaBatch(n_tokens=params.n_batch, embd=0, n_seq_max=1, verbose=False)
+        self._n_ctx = n_ctx
         self._n_vocab = self._llama.n_vocab()
+        self._eos = {self._llama.token_eos(), *self._end_of_turn()}
+        self._main: list[int] = []  # tokens held by the MAIN sequence
         self.evaluated_tokens = 0  # tokens actually decoded: shows what prefix reuse saves
         self.tokens_in = 0  # prompt tokens of generate calls
         self.tokens_out = 0  # generated tokens
+
+    def _end_of_turn(self) -> list[int]:
+        ids = self._llama.tokenize(b"<end_of_turn>", add_bos=False, special=True)
+        return ids if len(ids) == 1 else []
 
     # --- tokens -------------------------------------------------------------------------
     def tokenize(self, text: str, bos: bool) -> list[int]:
@@ -73,70 +116,111 @@ class LlamaCppLLM:
     def _piece(self, token: int) -> str:
         return self._llama.detokenize([token]).decode("utf-8", errors="replace")
 
+    def _text(self, tokens: list[int]) -> str:
+        return self._llama.detokenize(tokens).decode("utf-8", errors="replace")
+
+    # --- KV cache -----------------------------------------------------------------------
     def _rewind_to_shared_prefix(self, tokens: list[int], keep_at_most: int) -> int:
-        """Drop KV entries past the longest prefix shared with `tokens` (capped); return its length.
+        """Drop MAIN's KV past the longest aligned prefix shared with `tokens` (capped); return it.
 
         The cap is the first position whose logits the caller needs: that token must be
         evaluated again for llama.cpp to produce its logits.
         """
-        llama = self._llama
-        cached = llama.input_ids[: llama.n_tokens]
-        limit = min(len(cached), keep_at_most)
+        limit = min(len(self._main), keep_at_most)
         shared = 0
-        while shared < limit and cached[shared] == tokens[shared]:
+        while shared < limit and self._main[shared] == tokens[shared]:
             shared += 1
         shared -= shared % ALIGN
-        llama._ctx.kv_cache_seq_rm(-1, shared, -1)
-        llama.n_tokens = shared
+        self._ctx.kv_cache_seq_rm(MAIN, shared, -1)
+        del self._main[shared:]
         return shared
 
-    def _decode(self, tokens: list[int], start: int, want_logits_from: int) -> np.ndarray:
-        """Evaluate tokens[start:] after the cached tokens[:start]; logits rows for positions >= want_logits_from."""
-        llama = self._llama
+    def _run(self, entries: list[tuple[int, int, int, bool]]) -> list[np.ndarray]:
+        """One llama_decode of (token, position, sequence, want_logits) entries; the wanted logits rows."""
+        batch = self._batch.batch
+        batch.n_tokens = len(entries)
+        for i, (token, pos, seq, want) in enumerate(entries):
+            batch.token[i], batch.pos[i], batch.logits[i] = token, pos, want
+            batch.seq_id[i][0], batch.n_seq_id[i] = seq, 1
+        self._ctx.decode(self._batch)
+        self.evaluated_tokens += len(entries)
+        rows = []
+        for i, entry in enumerate(entries):
+            if entry[3]:
+                pointer = ctypes.cast(self._ctx.get_logits_ith(i), ctypes.POINTER(ctypes.c_float))
+                rows.append(np.ctypeslib.as_array(pointer, shape=(self._n_vocab,)).copy())
+        return rows
+
+    def _decode(self, tokens: list[int], start: int, want_logits_from: int, seq: int = MAIN) -> np.ndarray:
+        """Evaluate tokens[start:] after the cached tokens[:start]; logits rows for positions >= want_logits_from.
+
+        Chunks end at absolute multiples of ALIGN, so a prompt's logits never depend on `start`.
+        """
         rows: list[np.ndarray] = []
         lo = start
         while lo < len(tokens):
-            chunk = tokens[lo : (lo // ALIGN + 1) * ALIGN]  # chunks end at absolute multiples of ALIGN
-            batch = llama._batch
-            batch.set_batch(batch=chunk, n_past=lo, logits_all=False)
-            flags = [lo + i >= want_logits_from for i in range(len(chunk))]
-            for i, flag in enumerate(flags):
-                batch.batch.logits[i] = flag
-            llama._ctx.decode(batch)
-            self.evaluated_tokens += len(chunk)
-            llama.input_ids[lo : lo + len(chunk)] = chunk
-            llama.n_tokens = lo + len(chunk)
-            for i, flag in enumerate(flags):
-                if flag:
-                    pointer = llama._ctx.get_logits_ith(i)
-                    rows.append(np.ctypeslib.as_array(ctypes.cast(pointer, ctypes.POINTER(ctypes.c_float)), shape=(self._n_vocab,)).copy())
-            lo += len(chunk)
+            hi = min(len(tokens), (lo // ALIGN + 1) * ALIGN)
+            rows += self._run([(tokens[p], p, seq, p >= want_logits_from) for p in range(lo, hi)])
+            if seq == MAIN:
+                self._main[lo:hi] = tokens[lo:hi]
+            lo = hi
         return np.stack(rows) if rows else np.zeros((0, self._n_vocab), dtype=np.float32)
+
+    def _check_length(self, n: int) -> None:
+        if n >= self._n_ctx:
+            raise LLMError(f"{n} tokens do not fit the context of {self._n_ctx} tokens")
 
     # --- protocol -----------------------------------------------------------------------
     def generate(self, prompts: Sequence[str], params: GenerationParams) -> list[str]:
-        texts = []
-        for prompt in prompts:
-            # Evaluate the prompt ourselves (aligned, logits at its last token); create_completion
-            # then finds it fully cached and samples straight from those logits.
-            tokens = self.tokenize(prompt, bos=True)
-            start = self._rewind_to_shared_prefix(tokens, keep_at_most=len(tokens) - 1)
-            self._decode(tokens, start, want_logits_from=len(tokens) - 1)
-            self._llama._requires_eval = False
-            out = self._llama.create_completion(
-                tokens,
-                max_tokens=params.max_tokens,
-                temperature=params.temperature,
-                top_p=params.top_p,
-                top_k=0 if params.temperature > 0 else 1,
-                min_p=0.0,
-                repeat_penalty=1.0,
-                stop=list(params.stop) or None,
-                seed=params.seed,
-            )
-            texts.append(out["choices"][0]["text"])
-            self.tokens_in += len(tokens)
-            self.tokens_out += out["usage"]["completion_tokens"]
+        prompts = list(prompts)
+        texts: list[str] = []
+        for lo in range(0, len(prompts), self.max_batch):
+            texts += self._generate_batch(prompts[lo : lo + self.max_batch], params)
+        return texts
+
+    def _generate_batch(self, prompts: list[str], params: GenerationParams) -> list[str]:
+        encoded = [self.tokenize(p, bos=True) for p in prompts]
+        for tokens in encoded:
+            self._check_length(len(tokens) + params.max_tokens)
+        # MAIN keeps the longest prefix common to all prompts; each prompt continues in its own sequence
+        common = len(os.path.commonprefix(encoded)) if len(encoded) > 1 else len(encoded[0]) - 1
+        common = min(common, min(len(t) for t in encoded) - 1)
+        shared = self._rewind_to_shared_prefix(encoded[0], keep_at_most=common)
+        self._decode(encoded[0][: common - common % ALIGN], shared, want_logits_from=len(encoded[0]))
+        base = len(self._main)
+        seqs = list(range(1, len(prompts) + 1))
+        rows = []
+        for seq, tokens in zip(seqs, encoded):
+            self._ctx.kv_cache_seq_rm(seq, -1, -1)
+            self._ctx.kv_cache_seq_cp(MAIN, seq, 0, base)
+            rows.append(self._decode(tokens, base, want_logits_from=len(tokens) - 1, seq=seq)[-1])
+        rngs = [np.random.default_rng(prompt_seed(params.seed, p)) for p in prompts]
+        outputs: list[list[int]] = [[] for _ in prompts]
+        texts = [""] * len(prompts)
+        live = list(range(len(prompts)))
+        while live:
+            step = []
+            for i in list(live):
+                token = sample_token(rows[i], params.temperature, params.top_p, rngs[i])
+                if token in self._eos:
+                    live.remove(i)
+                    continue
+                outputs[i].append(token)
+                texts[i] = self._text(outputs[i])
+                cut = min((texts[i].find(s) for s in params.stop if s in texts[i]), default=-1)
+                if cut >= 0 or len(outputs[i]) >= params.max_tokens:
+                    texts[i] = texts[i][:cut] if cut >= 0 else texts[i]
+                    live.remove(i)
+                    continue
+                step.append((i, token))
+            if step:
+                fresh = self._run([(tok, len(encoded[i]) + len(outputs[i]) - 1, seqs[i], True) for i, tok in step])
+                for (i, _), row in zip(step, fresh):
+                    rows[i] = row
+        for seq in seqs:
+            self._ctx.kv_cache_seq_rm(seq, -1, -1)
+        self.tokens_in += sum(len(t) for t in encoded)
+        self.tokens_out += sum(len(o) for o in outputs)
         return texts
 
     def score(self, prefix: str, continuations: Sequence[str]) -> list[ContinuationScore]:
@@ -148,12 +232,11 @@ class LlamaCppLLM:
                 results.append(ContinuationScore([], []))
                 continue
             tokens = prefix_tokens + cont_tokens
-            if len(tokens) >= self._llama.n_ctx():
-                raise LLMError(f"prefix + continuation is {len(tokens)} tokens, more than the context ({self._llama.n_ctx()})")
+            self._check_length(len(tokens))
             first = len(prefix_tokens) - 1  # logits here predict the first continuation token
             start = self._rewind_to_shared_prefix(tokens, keep_at_most=first)
-            rows = self._decode(tokens[: len(tokens) - 1], start, want_logits_from=first)
             # the final continuation token is never an input whose logits we need
+            rows = self._decode(tokens[:-1], start, want_logits_from=first)
             logprobs = [log_softmax_at(row, tok) for row, tok in zip(rows, cont_tokens)]
             results.append(ContinuationScore([self._piece(t) for t in cont_tokens], logprobs))
         return results
@@ -164,22 +247,23 @@ class LlamaCppLLM:
         if any(len(t) != 1 for t in label_tokens):
             return label_logprobs_by_scoring(self, prompt, labels)
         tokens = self.tokenize(prompt, bos=True)
+        self._check_length(len(tokens))
         start = self._rewind_to_shared_prefix(tokens, keep_at_most=len(tokens) - 1)
-        (row,) = self._decode(tokens, start, want_logits_from=len(tokens) - 1)
+        row = self._decode(tokens, start, want_logits_from=len(tokens) - 1)[-1]
         return LabelScores({label: log_softmax_at(row, t[0]) for label, t in zip(labels, label_tokens)})
 
     def step_by_step_logprobs(self, prefix: str, continuation: str) -> list[float]:
         """Reference scorer for tests: one token per decode, no batching of the continuation."""
         prefix_tokens = self.tokenize(prefix, bos=True)
         cont_tokens = self.tokenize(continuation, bos=False)
-        self._rewind_to_shared_prefix([], keep_at_most=0)
-        (row,) = self._decode(prefix_tokens, 0, want_logits_from=len(prefix_tokens) - 1)
+        self.reset()
+        row = self._decode(prefix_tokens, 0, want_logits_from=len(prefix_tokens) - 1)[-1]
         out = []
         for i, tok in enumerate(cont_tokens):
             out.append(log_softmax_at(row, tok))
-            tokens = prefix_tokens + cont_tokens[: i + 1]
             if i + 1 < len(cont_tokens):
-                (row,) = self._decode(tokens, len(tokens) - 1, want_logits_from=len(tokens) - 1)
+                (row,) = self._run([(tok, len(prefix_tokens) + i, MAIN, True)])
+                self._main.append(tok)
         return out
 
     def reset(self) -> None:
