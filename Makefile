@@ -19,7 +19,7 @@ $(WHEELS)/.llama-cpp-python-$(LLAMA_CPP_VERSION): | $(BIN)/python
 		echo "reusing built llama-cpp-python wheel in $(WHEELS)"; \
 	else \
 		echo "building llama-cpp-python $(LLAMA_CPP_VERSION) from source (4-6 min, once per machine)"; \
-		tmp=$$(mktemp -d) && CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip wheel --quiet --no-deps \
+		tmp=$$(mktemp -d) && CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip wheel --quiet --no-cache-dir --no-deps \
 			llama-cpp-python==$(LLAMA_CPP_VERSION) -w $$tmp && mv $$tmp/*.whl $(WHEELS)/ && rm -rf $$tmp; \
 	fi
 	touch $@
