@@ -35,6 +35,9 @@ class Recorder:
         self.calls.append((list(prompts), params))
         return self.backend.generate(prompts, params)
 
+    def __getattr__(self, name):  # token counters and the rest come from the backend
+        return getattr(self.backend, name)
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
