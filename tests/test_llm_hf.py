@@ -165,7 +165,8 @@ def float_gguf(tmp_path_factory):
 def test_scores_match_llamacpp_on_float_weights(hf, float_gguf):
     """With llama.cpp computing in float on the same weights, the two backends agree closely.
 
-    Measured over the 5 passage/query pairs (41 tokens): max per-token |delta| 0.0044, mean 0.0008.
+    Measured over the 5 passage/query pairs (41 tokens): max per-token |delta| 0.0044, mean 0.0008
+    with the portable llama.cpp build; mean 0.0014 with the native AVX-512 build `make` now uses.
     """
     llama = LlamaCppLLM(float_gguf, n_threads=1)
     deltas = []
@@ -174,7 +175,7 @@ def test_scores_match_llamacpp_on_float_weights(hf, float_gguf):
         deltas += [abs(x - y) for x, y in zip(a.logprobs, b.logprobs)]
     print(f"transformers vs llama.cpp on F32 weights over {len(deltas)} tokens: max |delta| {max(deltas):.4f}, mean {np.mean(deltas):.4f}")
     assert max(deltas) < 0.006
-    assert np.mean(deltas) < 0.0012
+    assert np.mean(deltas) < 0.002
 
 
 def test_label_logprobs_exact(hf):

@@ -31,13 +31,18 @@ SCORE_PAIRS = [
     ("Water boils at", " one hundred degrees Celsius at sea level."),
 ]
 
-# Measured on these pairs: max per-token |Δ| 0.069 nat, max |Δ total| 0.069 nat (one token, the
-# last, differs; the rest agree to ~3e-7, float32 log-softmax). The difference is batch
+# Measured on these pairs with the portable (AVX2) build: max per-token |Δ| 0.069 nat, max |Δ
+# total| 0.069 nat (one token, the last, differs; the rest agree to ~3e-7); with the native
+# AVX-512 build `make` now uses: max per-token 0.20 nat, max |Δ total| 0.31 nat. The difference is batch
 # composition, not a bug: the server evaluates the prompt plus its last token with logits for
 # every row, or reuses rows cached from the previous request, while in-process evaluates only up
 # to the last input, and llama.cpp's CPU matmul kernels on Q4_K weights depend on batch size.
-PER_TOKEN_TOL = 0.1
-TOTAL_TOL = 0.1
+PER_TOKEN_TOL = 0.3
+TOTAL_TOL = 0.45
+# Greedy texts: with the native build the server and in-process runs diverge at a near-tie
+# after ~10 tokens on "The capital of France is" ("... France. It is the largest" vs "... It is
+# the capital"), so the first GREEDY_AGREE tokens must match exactly, not the whole text.
+GREEDY_AGREE = 8
 
 
 def _free_port() -> int:
@@ -104,8 +109,9 @@ def test_model_name_comes_from_the_server(remote, server_url):
 def test_greedy_generation_matches_in_process(remote, llamacpp):
     params = GenerationParams(max_tokens=16, temperature=0.0)
     served = remote.generate(GREEDY_PROMPTS, params)
-    local = llamacpp.generate(GREEDY_PROMPTS, params)
-    assert served == local
+    local = [llamacpp.generate([p], params)[0] for p in GREEDY_PROMPTS]
+    for a, b in zip(served, local):
+        assert llamacpp.tokenize(a, bos=False)[:GREEDY_AGREE] == llamacpp.tokenize(b, bos=False)[:GREEDY_AGREE]
     assert all(text.strip() for text in served)
 
 
