@@ -92,6 +92,114 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _relabel_score_config(args: argparse.Namespace):
+    from gecko.relabel import ScoreConfig
+
+    relevant, sep, other = args.labels.partition("/")
+    if not sep or not relevant.strip() or not other.strip():
+        raise ValueError(f"--labels {args.labels!r}: expected RELEVANT/OTHER, e.g. Yes/No")
+    return ScoreConfig(
+        prompt_style=args.prompt_style,
+        labels=(" " + relevant.strip(), " " + other.strip()),
+        max_passage_words=args.max_passage_words,
+        ql_norm=args.ql_norm,
+        rc_score=args.rc_score,
+    )
+
+
+def _cmd_relabel(args: argparse.Namespace) -> int:
+    from gecko.corpus import CorpusError
+    from gecko.evaluate.tasks import EvalError
+    from gecko.llm import load_llm
+    from gecko.relabel import RelabelConfig, run_relabel
+    from gecko.retrieve import RetrieveConfig
+
+    try:
+        retrieve = RetrieveConfig(
+            embedder=args.embedder, index=args.index, nprobe=args.nprobe, query_format=args.query_format,
+            document_format=args.document_format, cache_dir=args.cache_dir, device=args.device,
+        )
+        if args.weights and args.fusion not in (None, "weighted"):
+            raise ValueError(f"--weights applies to --fusion weighted, not {args.fusion}")
+        fusion = {"fusion": args.fusion} if args.fusion else {}
+        if args.weights:
+            fusion["weights"] = args.weights
+        config = RelabelConfig(
+            **fusion, top_n=args.top_n, negative=args.negative, n_negatives=args.negatives,
+            seed=args.seed, drop_easy_margin=args.drop_easy_margin, query_chunk=args.query_chunk,
+            score=_relabel_score_config(args), retrieve=retrieve,
+        )
+        llm = load_llm(args.llm)
+        summary = run_relabel(args.generated, args.corpus, args.out, llm, config, limit=args.limit, progress=not args.summary_json)
+    except CorpusError:
+        raise  # file:line problems: reported by main
+    except (ValueError, EvalError) as err:
+        print(f"gecko: error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary.to_dict()) if args.summary_json else summary.render())
+    return 0
+
+
+def _cmd_rerank_eval(args: argparse.Namespace) -> int:
+    from gecko.corpus import CorpusError
+    from gecko.evaluate.tasks import EvalError
+    from gecko.journal import write_json_atomic
+    from gecko.llm import load_llm
+    from gecko.relabel import run_rerank_eval
+    from gecko.retrieve import RetrieveConfig
+
+    try:
+        retrieve = RetrieveConfig(embedder=args.embedder, query_format="{query}", cache_dir=args.cache_dir, device=args.device)
+        score = _relabel_score_config(args)
+        llm = load_llm(args.llm)
+        result = run_rerank_eval(args.dataset, llm, top_n=args.top_n, limit=args.limit, split=args.split, score=score,
+                                 retrieve=retrieve, progress=not args.summary_json)
+    except CorpusError:
+        raise
+    except (ValueError, EvalError) as err:
+        print(f"gecko: error: {err}", file=sys.stderr)
+        return 2
+    if args.out:
+        write_json_atomic(args.out, result.to_dict())
+    print(json.dumps(result.to_dict()) if args.summary_json else result.render())
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    import os
+
+    from gecko.evaluate.tasks import EvalError
+    from gecko.train import DataSpec, StageConfig, TrainConfig, TrainDataError, TrainError, train
+
+    try:
+        fields = TrainConfig.read_file(args.config) if args.config else {}
+        given = {
+            "data": [DataSpec.parse(d) for d in args.data] if args.data else None, "out": args.out, "base": args.base,
+            "dims": [int(d) for d in args.dims.replace(",", " ").split()] if args.dims else None,
+            "epochs": args.epochs, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
+            "warmup": args.warmup, "max_seq_length": args.max_seq_length, "temperature": args.temperature,
+            "same_tower": False if args.no_same_tower else None, "hard_negatives": args.hard_negatives,
+            "homogeneous": True if args.homogeneous else None, "examples_per_epoch": args.examples_per_epoch,
+            "mini_batch_size": args.mini_batch_size, "save_steps": args.save_steps, "logging_steps": args.logging_steps,
+            "seed": args.seed, "eval_tasks": args.eval_task, "eval_baseline": True if args.eval_baseline else None,
+            "device": args.device, "precision": args.precision, "keep_checkpoints": True if args.keep_checkpoints else None,
+        }
+        fields.update({k: v for k, v in given.items() if v is not None})
+        if args.pretrain_data:
+            fields["pretrain"] = StageConfig(data=[DataSpec.parse(d) for d in args.pretrain_data], steps=args.pretrain_steps,
+                                             epochs=args.pretrain_epochs or 1.0)
+        fields.update(resume=args.resume, progress=not args.no_progress)
+        if not fields.get("data") or not fields.get("out"):
+            raise ValueError("--data and --out are required (or give them in --config)")
+        path = train(TrainConfig.from_dict(fields))
+    except (ValueError, TrainDataError, TrainError, EvalError) as err:
+        print(f"gecko: error: {err}", file=sys.stderr)
+        return 2
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun: printed once
+        print(f"model: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gecko", description="Text embeddings distilled from an LLM (the Gecko recipe).")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -158,6 +266,89 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=64)
     ev.add_argument("--no-progress", action="store_true", help="no progress bars")
     ev.set_defaults(func=_cmd_eval)
+
+    pair = argparse.ArgumentParser(add_help=False)  # LLM pair-scoring options shared by relabel and rerank-eval
+    pair.add_argument("--llm", default=DEFAULT, help="default | llamacpp:PATH.gguf | openai:URL#MODEL | transformers:DIR")
+    pair.add_argument("--embedder", default=DEFAULT, help="retriever: sentence-transformers folder (default: packaged all-MiniLM-L6-v2)")
+    pair.add_argument("--top-n", type=int, default=20, help="candidates retrieved and re-ranked per query")
+    pair.add_argument("--prompt-style", choices=["joint", "ql", "rc-query-first"], default="joint",
+                      help="joint: QL and RC from one pass per candidate; ql: QL only; rc-query-first: RC only")
+    pair.add_argument("--labels", default="Yes/No", help="RC labels RELEVANT/OTHER (one word each)")
+    pair.add_argument("--ql-norm", choices=["sum", "mean"], default="sum", help="QL: sum of query token log-probs, or per token")
+    pair.add_argument("--rc-score", choices=["logodds", "yes"], default="logodds",
+                      help="RC: log P(relevant) - log P(other), or log P(relevant) alone")
+    pair.add_argument("--max-passage-words", type=int, default=200, help="passages are cut to this many words in LLM prompts")
+    pair.add_argument("--cache-dir", default=None, help="embedding cache (default: $GECKO_HOME/embeddings)")
+    pair.add_argument("--device", default=None, help="torch device for the embedder")
+    pair.add_argument("--summary-json", action="store_true", help="print the summary as JSON, no progress bar")
+
+    rl = commands.add_parser("relabel", parents=[pair],
+                             help="FRet step 2: retrieve top-N, re-rank with the LLM (QL + RC), pick positive and hard negative")
+    rl.add_argument("--generated", required=True, help="generated.jsonl from `gecko generate`")
+    rl.add_argument("--corpus", required=True, help="the corpus the queries were generated from (and are retrieved in)")
+    rl.add_argument("--out", required=True, help="output .jsonl or .parquet; OUT.journal holds progress for resuming")
+    rl.add_argument("--fusion", choices=["rrf", "ql", "rc", "weighted"], default=None,
+                    help="rrf: 1/rank_QL + 1/rank_RC (the paper); ql / rc alone; weighted: sum of weight/rank "
+                    "(default: weighted with ql=1,rc=1,retriever=1, chosen by rerank-eval for the packaged model, see README)")
+    rl.add_argument("--weights", default=None, help="for --fusion weighted (default ql=1,rc=1,retriever=1), e.g. ql=1,retriever=1")
+    rl.add_argument("--negative", choices=["last", "random"], default="last", help="hard negative: rank N, or a random one of ranks 2..N")
+    rl.add_argument("--negatives", type=int, default=1, help="hard negatives per example")
+    rl.add_argument("--seed", type=int, default=0, help="for --negative random")
+    rl.add_argument("--drop-easy-margin", type=float, default=None,
+                    help="drop examples whose seed the base retriever ranks first by at least this cosine margin (off by default)")
+    rl.add_argument("--index", choices=["flat", "ivf", "ivfpq"], default="flat", help="flat: exact inner product; ivf / ivfpq: approximate")
+    rl.add_argument("--nprobe", type=int, default=32, help="ivf cells searched per query")
+    rl.add_argument("--query-format", default="{task} {query}", help="retriever input for a query (fields {task}, {query})")
+    rl.add_argument("--document-format", default="{title} {text}", help="retriever input for a passage (fields {title}, {text})")
+    rl.add_argument("--query-chunk", type=int, default=256, help="queries retrieved and scored together (bounds memory)")
+    rl.add_argument("--limit", type=int, default=None, help="only the first N generated queries")
+    rl.set_defaults(func=_cmd_relabel)
+
+    rr = commands.add_parser("rerank-eval", parents=[pair],
+                             help="nDCG@10 of the retriever vs re-ranked by QL / RC / RRF on a BEIR dataset")
+    rr.add_argument("--dataset", required=True, help="BEIR folder (corpus.jsonl[.gz], queries.jsonl[.gz], qrels)")
+    rr.add_argument("--split", default="test")
+    rr.add_argument("--limit", type=int, default=None, help="only the first N judged queries (LLM cost is N x top-N pairs)")
+    rr.add_argument("--out", default=None, help="also write the result as JSON here")
+    rr.set_defaults(func=_cmd_rerank_eval)
+
+    tr = commands.add_parser("train", help="contrastive fine-tuning: in-batch, hard and same-tower negatives, Matryoshka dims")
+    tr.add_argument("--data", action="append", metavar="[NAME=]PATH[:WEIGHT]",
+                    help="repeatable: examples .jsonl/.parquet (task, query, positive[, negative]), an STS folder/.tsv, "
+                    "a classification folder/.csv or a BEIR folder (train qrels); WEIGHT = uses per example per epoch (default 1)")
+    tr.add_argument("--out", help="output folder: the trained sentence-transformers model, card, loss plot")
+    tr.add_argument("--base", default=None, help="model to start from: sentence-transformers folder or default (packaged MiniLM)")
+    tr.add_argument("--config", default=None, help="a TrainConfig as JSON/YAML; command-line options override it")
+    tr.add_argument("--dims", default=None, help="Matryoshka dims, e.g. 384,256,128,64 (default: full, 256, 128, 64)")
+    tr.add_argument("--epochs", type=float, default=None, help="default 1")
+    tr.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
+    tr.add_argument("--batch-size", type=int, default=None, help="per device (default 32)")
+    tr.add_argument("--lr", type=float, default=None, help="default 2e-5")
+    tr.add_argument("--warmup", type=float, default=None, help="warm-up: fraction of steps (< 1) or steps (default 0.1)")
+    tr.add_argument("--max-seq-length", type=int, default=None, help="tokens per text (default: the base model's)")
+    tr.add_argument("--temperature", type=float, default=None, help="softmax temperature (default 0.05)")
+    tr.add_argument("--no-same-tower", action="store_true", help="leave the other queries out of the denominator")
+    tr.add_argument("--hard-negatives", choices=["own", "batch", "none"], default=None,
+                    help="own: each query's own (the paper, default); batch: every row's; none: ignore negatives")
+    tr.add_argument("--homogeneous", action="store_true", help="every batch from one data source")
+    tr.add_argument("--examples-per-epoch", type=int, default=None, help="rescale the weighted mixture to this many")
+    tr.add_argument("--mini-batch-size", type=int, default=None, help="GradCache: embed this many rows at a time (large batches)")
+    tr.add_argument("--pretrain-data", action="append", metavar="[NAME=]PATH[:WEIGHT]",
+                    help="repeatable: pre-finetuning stage on pairs, in-batch negatives only, before fine-tuning")
+    tr.add_argument("--pretrain-steps", type=int, default=None)
+    tr.add_argument("--pretrain-epochs", type=float, default=None)
+    tr.add_argument("--save-steps", type=int, default=None, help="checkpoint every N steps (default 100)")
+    tr.add_argument("--logging-steps", type=int, default=None, help="log the loss every N steps (default 10)")
+    tr.add_argument("--seed", type=int, default=None)
+    tr.add_argument("--eval-task", action="append", default=None, metavar="NAME=PATH",
+                    help="repeatable: score the trained model with gecko eval after training (numbers go in the card)")
+    tr.add_argument("--eval-baseline", action="store_true", help="also score the base model (a delta column in the card)")
+    tr.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    tr.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default=None)
+    tr.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    tr.add_argument("--keep-checkpoints", action="store_true", help="keep OUT/.train (checkpoints) after finishing")
+    tr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    tr.set_defaults(func=_cmd_train)
     return parser
 
 

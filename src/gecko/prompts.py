@@ -167,3 +167,112 @@ GENERATE_PROMPTS = {
 
 def few_shot_queries() -> set[str]:
     return {q for _, queries in GENERATE_EXAMPLES for q in queries.values()}
+
+
+# ---------------------------------------------------------------- relabel: QL and RC prompts
+#
+# FRet step 2 scores (query, passage) pairs two ways: query likelihood QL = log P(query |
+# passage) and relevance classification RC = log P(label | query, passage). The few-shot block
+# comes first and is identical for every candidate, so a backend that keeps KV state evaluates
+# it once; the passage follows it. In the joint layout one pass over
+# "block + Passage: p\nQuery: q\nRelevant:" gives both signals: QL from the logits at the query
+# positions, RC from the logits at the last position.
+
+
+@dataclass(frozen=True)
+class RelevanceExample:
+    passage: str
+    query: str  # relevant to the passage
+    unrelated: str  # on a neighbouring topic, not answered by the passage (a hard negative)
+
+
+RELEVANCE_EXAMPLES: tuple[RelevanceExample, ...] = (
+    RelevanceExample(
+        GENERATE_EXAMPLES[0][0],
+        "how does aspirin reduce inflammation?",
+        "what are the side effects of ibuprofen in children?",
+    ),
+    RelevanceExample(
+        GENERATE_EXAMPLES[2][0],
+        "BRCA1 carriers have a higher risk of ovarian cancer.",
+        "Which drugs are used to treat lung tumours in smokers?",
+    ),
+    RelevanceExample(
+        "The Peace of Westphalia, signed in 1648, ended the Thirty Years' War and established the "
+        "principle of state sovereignty that still shapes international law.",
+        "The Thirty Years' War ended in 1648.",
+        "causes of the French Revolution",
+    ),
+    RelevanceExample(
+        GENERATE_EXAMPLES[1][0],
+        "sleep duration and coronary heart disease",
+        "does drinking coffee raise blood pressure?",
+    ),
+    RelevanceExample(
+        "During photosynthesis, chloroplasts convert light energy into chemical energy stored in "
+        "glucose, splitting water and releasing oxygen as a by-product.",
+        "which gas do plants release during photosynthesis?",
+        "how do plant roots absorb nitrogen from the soil?",
+    ),
+    RelevanceExample(
+        "Python lists are dynamic arrays: appending is amortised constant time because the capacity "
+        "grows geometrically, while inserting at the front shifts every element.",
+        "time complexity of appending to a python list",
+        "how do hash tables handle collisions?",
+    ),
+)
+_LABEL_PATTERN = (True, False, True, False, True, False)  # which examples show the relevant query
+
+
+@dataclass(frozen=True)
+class PairPrompt:
+    """A few-shot prompt for scoring (query, passage) pairs.
+
+    `prefix` is the shared few-shot block; `render(passage, query)` gives what follows it as
+    (context, continuation, question): the backend scores `continuation` (the query) after
+    `prefix + context` for QL and reads `labels` after the whole text for RC. `ql` / `rc` say
+    which signals the layout supports (a query-first layout has no QL).
+    """
+
+    name: str
+    prefix: str
+    passage_first: bool
+    question: str
+    labels: tuple[str, str]  # (relevant, not relevant)
+    ql: bool
+    rc: bool
+
+    @property
+    def id(self) -> str:
+        return _prompt_id(self.name, [self.prefix, self.passage_first, self.question, list(self.labels)])
+
+    def render(self, passage: str, query: str) -> tuple[str, str, str]:
+        passage, query = " ".join(passage.split()), " ".join(query.split())
+        if self.passage_first:
+            return f"Passage: {passage}\nQuery:", f" {query}", self.question
+        return f"Query: {query}\nPassage: {passage}", "", self.question
+
+
+def _pair_block(with_labels: bool, passage_first: bool, question: str, labels: tuple[str, str]) -> str:
+    parts = []
+    for example, relevant in zip(RELEVANCE_EXAMPLES, _LABEL_PATTERN):
+        query = example.query if relevant or not with_labels else example.unrelated
+        head = f"Passage: {example.passage}\nQuery: {query}" if passage_first else f"Query: {query}\nPassage: {example.passage}"
+        tail = f"{question}{labels[0] if relevant else labels[1]}" if with_labels else ""
+        parts.append(f"{head}{tail}\n\n")
+    return "".join(parts)
+
+
+def pair_prompt(style: str = "joint", labels: tuple[str, str] = (" Yes", " No"), question: str = "\nRelevant:") -> PairPrompt:
+    """The pair-scoring prompt `style`: joint (QL + RC, one pass), ql (QL only, every example
+    relevant) or rc-query-first (RC only, query before passage)."""
+    if style == "joint":
+        return PairPrompt("pair-joint-v1", _pair_block(True, True, question, labels), True, question, labels, True, True)
+    if style == "ql":
+        return PairPrompt("pair-ql-v1", _pair_block(False, True, question, labels), True, question, labels, True, False)
+    if style == "rc-query-first":
+        return PairPrompt("pair-rc-qf-v1", _pair_block(True, False, question, labels), False, question, labels, False, True)
+    raise ValueError(f"unknown pair prompt style {style!r}; known: joint, ql, rc-query-first")
+
+
+PAIR_PROMPT_STYLES = ("joint", "ql", "rc-query-first")

@@ -87,3 +87,73 @@ def label_logprobs_by_scoring(llm: LLM, prompt: str, labels: Sequence[str]) -> L
     """
     scores = llm.score(prompt, list(labels))
     return LabelScores({label: s.total for label, s in zip(labels, scores)})
+
+
+# --- joint query-likelihood + relevance-label scoring (optional protocol method) --------------
+
+
+@dataclass(frozen=True)
+class JointRequest:
+    """One candidate for `score_and_label`: the text after a shared prefix, in reading order.
+
+    The backend sees `prefix + context + continuation + question` and returns the
+    teacher-forced log-probabilities of `continuation` (given `prefix + context`) and the
+    exact log P(label | everything before it) of each label. `context` is the passage part
+    ("Passage: ...\\nQuery:"), `continuation` the query (" does X cause Y?"), `question` the
+    relevance question ("\\nRelevant:"), `labels` its answers (" Yes", " No").
+    """
+
+    context: str
+    continuation: str
+    question: str
+    labels: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class JointScore:
+    continuation: ContinuationScore
+    labels: LabelScores
+
+    def to_dict(self) -> dict:
+        return {"continuation": self.continuation.to_dict(), "labels": dict(self.labels.logprobs)}
+
+    @staticmethod
+    def from_dict(value: dict) -> "JointScore":
+        cont = value["continuation"]
+        return JointScore(ContinuationScore(cont["tokens"], cont["logprobs"]), LabelScores(dict(value["labels"])))
+
+
+@runtime_checkable
+class JointScorer(Protocol):
+    """Optional protocol method: QL and RC of many candidates after one shared prefix.
+
+    A backend that can do it in one forward pass per candidate (logits at the continuation
+    positions and at the last position) implements it; every other backend gets
+    `score_and_label_by_parts`, which is exact too (same numbers, more tokens evaluated).
+    Requests sharing a `context` should be passed next to each other: a backend that keeps
+    KV state then evaluates that context once.
+    """
+
+    def score_and_label(self, prefix: str, requests: Sequence[JointRequest]) -> list[JointScore]: ...
+
+
+def score_and_label_by_parts(llm: LLM, prefix: str, requests: Sequence[JointRequest]) -> list[JointScore]:
+    """The generic fallback: `score` for the continuation, then `label_logprobs` for the labels.
+
+    On a backend that reuses the KV cache of a shared prefix (llama.cpp), the second call
+    re-evaluates only the tail past the last 64-token boundary plus the question.
+    """
+    out = []
+    for r in requests:
+        (cont,) = llm.score(prefix + r.context, [r.continuation])
+        labels = llm.label_logprobs(prefix + r.context + r.continuation + r.question, list(r.labels))
+        out.append(JointScore(cont, labels))
+    return out
+
+
+def score_and_label(llm: LLM, prefix: str, requests: Sequence[JointRequest]) -> list[JointScore]:
+    """QL + RC for each request: the backend's single-pass method if it has one, else by parts."""
+    method = getattr(llm, "score_and_label", None)
+    if callable(method):
+        return method(prefix, list(requests))
+    return score_and_label_by_parts(llm, prefix, requests)

@@ -14,7 +14,15 @@ import threading
 from pathlib import Path
 from typing import Callable, Sequence
 
-from gecko.llm.base import LLM, ContinuationScore, GenerationParams, LabelScores
+from gecko.llm.base import (
+    LLM,
+    ContinuationScore,
+    GenerationParams,
+    JointRequest,
+    JointScore,
+    LabelScores,
+    score_and_label_by_parts,
+)
 
 
 def _key(*parts: object) -> str:
@@ -106,6 +114,20 @@ class CachedLLM:
         key = _key("labels", self.identity, prompt, labels)
         (value,) = self._through_cache([key], lambda idx: [self.backend.label_logprobs(prompt, labels).logprobs])
         return LabelScores(dict(value))
+
+    def score_and_label(self, prefix: str, requests: Sequence[JointRequest]) -> list[JointScore]:
+        """QL + RC per request, one cache entry each; misses go to the backend's single-pass
+        method when it has one, else to the exact by-parts fallback on the backend."""
+        reqs = list(requests)
+        keys = [_key("score_and_label", self.identity, prefix, r.context, r.continuation, r.question, list(r.labels)) for r in reqs]
+        method = getattr(self.backend, "score_and_label", None)
+
+        def compute(idx: list[int]) -> list[object]:
+            todo = [reqs[i] for i in idx]
+            scores = method(prefix, todo) if callable(method) else score_and_label_by_parts(self.backend, prefix, todo)
+            return [s.to_dict() for s in scores]
+
+        return [JointScore.from_dict(v) for v in self._through_cache(keys, compute)]
 
     def __getattr__(self, name: str):
         return getattr(self.backend, name)

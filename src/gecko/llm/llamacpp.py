@@ -20,13 +20,23 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import math
 import os
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from gecko.llm.base import ContinuationScore, GenerationParams, LabelScores, LLMError, label_logprobs_by_scoring
+from gecko.llm.base import (
+    ContinuationScore,
+    GenerationParams,
+    JointRequest,
+    JointScore,
+    LabelScores,
+    LLMError,
+    label_logprobs_by_scoring,
+    score_and_label_by_parts,
+)
 from gecko.models import DEFAULT, default_gguf_path, file_sha256
 
 ALIGN = 64
@@ -41,10 +51,13 @@ def free_cores() -> int:
 
 
 def log_softmax_at(row: np.ndarray, token: int) -> float:
-    """log P(token) from one row of logits, in float64 for a stable log-sum-exp."""
-    row = row.astype(np.float64, copy=False)
+    """log P(token) from one row of logits.
+
+    The exponentials stay float32 (11x faster than float64 over a 262k vocabulary: 0.33 vs
+    3.7 ms a row, which dominated relabel scoring) and are summed in float64.
+    """
     top = row.max()
-    return float(row[token] - top - np.log(np.exp(row - top).sum()))
+    return float(row[token]) - float(top) - math.log(float(np.exp(row - top).sum(dtype=np.float64)))
 
 
 def sample_token(row: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
@@ -97,6 +110,7 @@ class LlamaCppLLM:
             params.swa_full = True  # rolling the KV cache back to a shared prefix needs the whole window kept
             self._ctx = _internals.LlamaContext(model=self._llama._model, params=params, verbose=False)
             self._batch = _internals.LlamaBatch(n_tokens=params.n_batch, embd=0, n_seq_max=1, verbose=False)
+        self._batch_size = params.n_batch
         self._n_ctx = n_ctx
         self._n_vocab = self._llama.n_vocab()
         self._eos = {self._llama.token_eos(), *self._end_of_turn()}
@@ -251,6 +265,44 @@ class LlamaCppLLM:
         start = self._rewind_to_shared_prefix(tokens, keep_at_most=len(tokens) - 1)
         row = self._decode(tokens, start, want_logits_from=len(tokens) - 1)[-1]
         return LabelScores({label: log_softmax_at(row, t[0]) for label, t in zip(labels, label_tokens)})
+
+    def score_and_label(self, prefix: str, requests: Sequence[JointRequest]) -> list[JointScore]:
+        """QL and RC of each request from one pass over its own tokens.
+
+        `prefix + context` is decoded once per run of requests sharing a context (aligned
+        chunks, reused as in `score`); each request then decodes only its continuation and
+        question, in one batch at fixed positions after that context, with logits at the
+        continuation rows and the last row; the rows are dropped again for the next request.
+        A request's numbers therefore depend only on its own text, not on its neighbours.
+        Multi-token labels fall back to `score_and_label_by_parts`.
+        """
+        out: list[JointScore] = []
+        previous_context = None
+        for r in requests:
+            label_tokens = [self.tokenize(label, bos=False) for label in r.labels]
+            cont = self.tokenize(r.continuation, bos=False)
+            if any(len(t) != 1 for t in label_tokens) or not cont:
+                out += score_and_label_by_parts(self, prefix, [r])
+                previous_context = None
+                continue
+            base = self.tokenize(prefix + r.context, bos=True)
+            tail = cont + self.tokenize(r.question, bos=False)
+            self._check_length(len(base) + len(tail))
+            if previous_context != (prefix, r.context) or self._main != base[:-1]:
+                start = self._rewind_to_shared_prefix(base, keep_at_most=len(base) - 1)
+                self._decode(base[:-1], start, want_logits_from=len(base))
+                previous_context = (prefix, r.context)
+            first = len(base) - 1  # its logits predict the first continuation token
+            suffix = [base[-1]] + tail
+            wanted = set(range(first, first + len(cont))) | {first + len(suffix) - 1}
+            rows: list[np.ndarray] = []
+            for lo in range(0, len(suffix), self._batch_size):
+                rows += self._run([(tok, first + i, MAIN, first + i in wanted) for i, tok in enumerate(suffix) if lo <= i < lo + self._batch_size])
+            self._ctx.kv_cache_seq_rm(MAIN, first, -1)  # MAIN holds the context again, not this request
+            logprobs = [log_softmax_at(row, tok) for row, tok in zip(rows, cont)]
+            labels = {label: log_softmax_at(rows[-1], t[0]) for label, t in zip(r.labels, label_tokens)}
+            out.append(JointScore(ContinuationScore([self._piece(t) for t in cont], logprobs), LabelScores(labels)))
+        return out
 
     def step_by_step_logprobs(self, prefix: str, continuation: str) -> list[float]:
         """Reference scorer for tests: one token per decode, no batching of the continuation."""

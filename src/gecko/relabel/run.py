@@ -1,0 +1,534 @@
+"""`run_relabel`: generated queries in, (task, query, positive, hard negative) training examples out.
+
+Per generated query: the embedder retrieves the top-N passages for `task ⊕ query`; the LLM
+scores every candidate (QL and RC, one pass each); the fused ranking picks the positive (rank 1)
+and the hard negative(s). Queries are processed in chunks; within a chunk each passage is sent
+to the LLM once with every query that retrieved it. A query's raw scores go to the journal
+(`OUT.journal`) as soon as its last candidate is scored, so kill -9 and a rerun lose nothing
+and repeat no LLM call (the rest come from the LLM cache). Fusion, negative choice and the easy
+filter are applied when the output is written, from the journal's raw scores: changing them
+needs no LLM work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from gecko.corpus import CorpusError, Passage, load_corpus
+from gecko.journal import Journal, write_json_atomic, write_jsonl_atomic
+from gecko.llm.base import LLM
+from gecko.relabel.fusion import FUSIONS, NEGATIVE_METHODS, fuse, parse_weights, ranks, select_negatives
+from gecko.relabel.scoring import PairScore, PairScorer, ScoreConfig
+from gecko.retrieve import RetrieveConfig, Retriever
+
+REQUIRED = ("id", "seed_id", "task", "query")
+SEED_RANK_BINS = ("1", "2-5", "6-10", "11-N", ">N")
+
+
+class RelabelError(CorpusError):
+    """Bad input for relabeling (the message names file and line)."""
+
+
+@dataclass(frozen=True)
+class RelabelConfig:
+    top_n: int = 20
+    # the default for the packaged 270M LLM, chosen by `gecko rerank-eval` on SciFact (README):
+    # RRF over QL, RC *and* the retriever's ranks; the paper's fusion="rrf" (QL + RC) is for larger LLMs
+    fusion: str = "weighted"
+    weights: str | None = "ql=1,rc=1,retriever=1"  # for fusion="weighted": weight / rank summed per signal
+    negative: str = "last"
+    n_negatives: int = 1
+    seed: int = 0  # for negative="random"
+    seed_not_negative: bool = True  # the seed passage is never a negative (it is relevant by construction)
+    drop_easy_margin: float | None = None  # drop examples the retriever already gets right by this margin
+    query_chunk: int = 256
+    score: ScoreConfig = ScoreConfig()
+    retrieve: RetrieveConfig = RetrieveConfig()
+
+    def __post_init__(self):
+        if self.top_n < 2:
+            raise ValueError("top_n must be at least 2 (a positive and a negative)")
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"unknown fusion {self.fusion!r}; known: {', '.join(FUSIONS)}")
+        if self.negative not in NEGATIVE_METHODS:
+            raise ValueError(f"unknown negative method {self.negative!r}; known: {', '.join(NEGATIVE_METHODS)}")
+        if self.n_negatives < 1:
+            raise ValueError("n_negatives must be at least 1")
+        if self.fusion == "weighted":
+            parse_weights(self.weights)
+        needs = {"rrf": ("ql", "rc"), "ql": ("ql",), "rc": ("rc",)}.get(self.fusion, ())
+        if self.fusion == "weighted":
+            needs = tuple(k for k, v in parse_weights(self.weights).items() if v and k != "retriever")
+        prompt = self.score.prompt
+        missing = [s for s in needs if not getattr(prompt, s)]
+        if missing:
+            raise ValueError(f"fusion {self.fusion!r} needs {missing}, which prompt style {self.score.prompt_style!r} does not give")
+
+
+@dataclass
+class Candidate:
+    id: str
+    retriever_rank: int
+    retriever_score: float
+    ql: float | None
+    rc: float | None
+    ql_rank: int | None
+    rc_rank: int | None
+    fused: float
+    rank: int  # in the fused order; 1 = the positive
+
+
+@dataclass
+class RelabelExample:
+    """One training example: a row of the output (what `gecko train` reads, plus provenance)."""
+
+    id: str
+    seed_id: str
+    task_type: str | None
+    task: str
+    query: str
+    positive: str
+    negative: str | list[str]  # a list when several negatives were asked for (`gecko train` reads both)
+    positive_id: str
+    negative_id: str  # the first (hardest) negative
+    positive_title: str
+    negative_title: str | list[str]
+    negative_ids: list[str]
+    positive_changed: bool
+    positive_retriever_rank: int
+    seed_rank: int | None  # the seed passage's rank under the base retriever; None: not in the top-N
+    seed_score: float
+    seed_margin: float  # seed score minus the best other candidate's (> 0: the retriever ranks the seed first)
+    fusion: str
+    candidates: list[Candidate]
+
+
+@dataclass
+class RelabelSummary:
+    queries: int = 0
+    examples: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    positive_changed: int = 0
+    seed_rank: dict = field(default_factory=dict)
+    seed_margin: dict = field(default_factory=dict)
+    scores: dict = field(default_factory=dict)
+    spearman_ql_rc: float | None = None
+    pairs_scored: int = 0
+    llm_calls: int = 0
+    llm_cache_hits: int = 0
+    tokens_evaluated: int | None = None
+    corpus_encoded: int = 0
+    times: dict = field(default_factory=dict)
+    wall_s: float = 0.0
+    config: dict = field(default_factory=dict)
+
+    @property
+    def positive_changed_rate(self) -> float:
+        return self.positive_changed / max(self.examples, 1)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "skipped": dict(self.skipped), "positive_changed_rate": self.positive_changed_rate}
+
+    def render(self) -> str:
+        def q(d: dict) -> str:
+            return ", ".join(f"{k} {v:+.2f}" for k, v in d.items())
+
+        llm_s = self.times.get("llm_s", 0.0)
+        lines = [
+            f"queries: {self.queries}, examples written: {self.examples}"
+            + (f", skipped: {dict(self.skipped)}" if self.skipped else ""),
+            f"positive changed (p_1 != seed): {self.positive_changed} ({self.positive_changed_rate:.1%}; the paper saw ~15%)",
+            "seed rank under the base retriever: " + ", ".join(f"{k}: {v}" for k, v in self.seed_rank.items()),
+            f"seed score margin (seed - best other): {q(self.seed_margin)}",
+        ]
+        for name, dist in self.scores.items():
+            lines.append(f"{name}: {q(dist)}")
+        if self.spearman_ql_rc is not None:
+            lines.append(f"mean per-query Spearman(QL, RC): {self.spearman_ql_rc:+.3f}")
+        tokens = f", {self.tokens_evaluated / self.pairs_scored:.0f} tokens evaluated per pair" if self.tokens_evaluated and self.pairs_scored else ""
+        lines.append(
+            f"LLM: {self.pairs_scored} pairs scored in {llm_s:.1f} s ({self.pairs_scored / max(llm_s, 1e-9):.2f} pairs/s), "
+            f"{self.llm_calls} calls (+{self.llm_cache_hits} from cache){tokens}"
+        )
+        lines.append(f"corpus passages encoded: {self.corpus_encoded} (the rest from the embedding cache)")
+        lines.append("time: " + ", ".join(f"{k.removesuffix('_s')} {v:.1f} s" for k, v in self.times.items()) + f"; wall {self.wall_s:.1f} s")
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- input
+
+
+@dataclass(frozen=True)
+class GeneratedRecord:
+    id: str
+    seed_id: str
+    task_type: str | None
+    task: str
+    query: str
+    where: str  # file:line, for messages
+
+
+def load_generated(path: str | Path) -> list[GeneratedRecord]:
+    """Validated records of a `gecko generate` output; problems raise `RelabelError("file:line: ...")`."""
+    path = Path(path)
+    if not path.is_file():
+        raise RelabelError(f"{path}: no such file")
+    out: list[GeneratedRecord] = []
+    seen: dict[str, str] = {}
+    with path.open("rb") as handle:
+        for lineno, raw in enumerate(handle, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise RelabelError(f"{where}: invalid UTF-8 at byte {err.start + 1} of the line") from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise RelabelError(f"{where}: invalid JSON: {err.msg} (column {err.colno}); expected JSONL from `gecko generate`") from None
+            if not isinstance(record, dict):
+                raise RelabelError(f"{where}: expected a JSON object")
+            for name in REQUIRED:
+                value = record.get(name)
+                if not isinstance(value, str) or not value.strip():
+                    raise RelabelError(f"{where}: missing or empty field {name!r} (needs {', '.join(REQUIRED)})")
+            task_type = record.get("task_type")
+            if task_type is not None and not isinstance(task_type, str):
+                raise RelabelError(f"{where}: field 'task_type' must be a string")
+            if record["id"] in seen:
+                raise RelabelError(f"{where}: duplicate id {record['id']!r} (first at {seen[record['id']]})")
+            seen[record["id"]] = where
+            out.append(GeneratedRecord(record["id"], record["seed_id"], task_type, record["task"], record["query"], where))
+    if not out:
+        raise RelabelError(f"{path}: no records")
+    return out
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _score_key(config: RelabelConfig, llm: LLM) -> str:
+    from gecko.evaluate.encoder import model_identity
+    from gecko.models import resolve_embedder
+
+    r = config.retrieve
+    parts = {
+        "llm": getattr(llm, "identity", "?"),
+        "score": config.score.key(),
+        "top_n": config.top_n,
+        "embedder": model_identity(resolve_embedder(r.embedder)),
+        "retrieve": [r.query_format, r.document_format, r.index, r.nlist, r.nprobe, r.pq_bytes, r.train_size],
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _quantiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {}
+    arr = np.asarray(values, dtype=np.float64)
+    return {f"p{p}": round(float(np.percentile(arr, p)), 3) for p in (10, 25, 50, 75, 90)} | {"mean": round(float(arr.mean()), 3)}
+
+
+def _rank_bin(rank: int | None) -> str:
+    if rank is None:
+        return ">N"
+    return "1" if rank == 1 else "2-5" if rank <= 5 else "6-10" if rank <= 10 else "11-N"
+
+
+def _spearman(a: list[int], b: list[int]) -> float:
+    n = len(a)
+    return 1 - 6 * sum((x - y) ** 2 for x, y in zip(a, b)) / (n * (n * n - 1)) if n > 1 else 0.0
+
+
+def _norm_text(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def build_example(
+    record: GeneratedRecord,
+    entry: dict,
+    passages: dict[str, Passage],
+    config: RelabelConfig,
+) -> tuple[RelabelExample | None, str | None, dict]:
+    """Fuse one journaled query's scores into an example; (None, reason) when it cannot be one.
+
+    Also returns the per-candidate signal ranks, for the summary.
+    """
+    rows = entry["candidates"]  # [id, retriever score, *PairScore.to_list()] in retriever order
+    if len(rows) < 2:
+        return None, "too_few_candidates", {}
+    ids = [r[0] for r in rows]
+    pairs = [PairScore.from_list(r[2:]) for r in rows]
+    sc = config.score
+    signals = {"retriever": list(range(1, len(rows) + 1))}
+    ql = [p.ql(sc.ql_norm) for p in pairs]
+    rc = [p.rc(sc.rc_score) for p in pairs]
+    if ql[0] is not None:
+        signals["ql"] = ranks(ql, tiebreak=signals["retriever"])
+    if rc[0] is not None:
+        signals["rc"] = ranks(rc, tiebreak=signals["retriever"])
+    fused = fuse(signals, config.fusion, config.weights)
+    order_rank = ranks(fused, tiebreak=signals["retriever"])
+    order = sorted(range(len(rows)), key=lambda i: order_rank[i])
+    positive = order[0]
+    pos_text = _norm_text(passages[ids[positive]].text)
+    exclude = {i for i in range(len(rows)) if _norm_text(passages[ids[i]].text) == pos_text}  # duplicates of p+
+    if config.seed_not_negative:
+        exclude |= {i for i in range(len(rows)) if ids[i] == record.seed_id}
+    rng = random.Random(f"{config.seed}:{record.id}")
+    negatives = select_negatives(order, config.negative, config.n_negatives, rng, exclude)
+    if not negatives:
+        return None, "no_negative", signals
+    candidates = [
+        Candidate(
+            id=ids[i],
+            retriever_rank=i + 1,
+            retriever_score=round(float(rows[i][1]), 6),
+            ql=None if ql[i] is None else round(ql[i], 4),
+            rc=None if rc[i] is None else round(rc[i], 4),
+            ql_rank=signals.get("ql", [None] * len(rows))[i],
+            rc_rank=signals.get("rc", [None] * len(rows))[i],
+            fused=round(fused[i], 6),
+            rank=order_rank[i],
+        )
+        for i in range(len(rows))
+    ]
+    pos_p, neg_ps = passages[ids[positive]], [passages[ids[i]] for i in negatives]
+    several = config.n_negatives > 1
+    example = RelabelExample(
+        id=record.id,
+        seed_id=record.seed_id,
+        task_type=record.task_type,
+        task=record.task,
+        query=record.query,
+        positive=pos_p.text,
+        negative=[p.text for p in neg_ps] if several else neg_ps[0].text,
+        positive_id=pos_p.id,
+        negative_id=neg_ps[0].id,
+        positive_title=pos_p.title,
+        negative_title=[p.title for p in neg_ps] if several else neg_ps[0].title,
+        negative_ids=[ids[i] for i in negatives],
+        positive_changed=pos_p.id != record.seed_id,
+        positive_retriever_rank=positive + 1,
+        seed_rank=entry["seed_rank"],
+        seed_score=round(entry["seed_score"], 6),
+        seed_margin=round(entry["seed_margin"], 6),
+        fusion=config.fusion,
+        candidates=candidates,
+    )
+    return example, None, signals
+
+
+def is_easy(example: RelabelExample, margin: float) -> bool:
+    """The base retriever already ranks the seed first by at least `margin`, and the LLM agrees."""
+    return example.seed_rank == 1 and not example.positive_changed and example.seed_margin >= margin
+
+
+def _write_parquet_atomic(path: Path, rows: list[dict]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    pq.write_table(pa.Table.from_pylist(rows), tmp)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def run_relabel(
+    generated: str | Path,
+    corpus: str | Path,
+    out: str | Path,
+    llm: LLM,
+    config: RelabelConfig = RelabelConfig(),
+    *,
+    limit: int | None = None,
+    progress: bool = True,
+    corpus_options: dict | None = None,
+) -> RelabelSummary:
+    """Relabel `generated` against `corpus` into `out` (.jsonl or .parquet); resumable via OUT.journal."""
+    started = time.perf_counter()
+    times: Counter = Counter()
+    out = Path(out)
+    if out.suffix not in (".jsonl", ".parquet"):
+        raise RelabelError(f"{out}: the output must end in .jsonl or .parquet")
+    records = load_generated(generated)
+    if limit is not None:
+        records = records[:limit]
+    passage_list, _ = load_corpus(corpus, **(corpus_options or {}))
+    if not passage_list:
+        raise RelabelError(f"{corpus}: the corpus has no passages")
+    position = {p.id: i for i, p in enumerate(passage_list)}
+    for r in records:
+        if r.seed_id not in position:
+            raise RelabelError(f"{r.where}: seed_id {r.seed_id!r} is not a passage of the corpus {corpus}")
+    times["load_s"] = time.perf_counter() - started
+
+    key = _score_key(config, llm)
+    journal = Journal(out.with_name(out.name + ".journal"))
+    done = {e["key"] for e in journal.entries() if e.get("score_key") == key}
+    todo = [r for r in records if r.id not in done]
+    counters = ("backend_calls", "cache_hits", "evaluated_tokens")
+    before = {c: getattr(llm, c, None) for c in counters}
+    summary = RelabelSummary(queries=len(records))
+    scorer = PairScorer(llm, config.score)
+    bar = tqdm(total=len(records), initial=len(records) - len(todo), unit="query", desc="relabel", disable=not progress)
+    retriever = None
+    try:
+        if todo:
+            retriever = Retriever(passage_list, config.retrieve, progress=progress)
+            retriever.build()
+            for lo in range(0, len(todo), config.query_chunk):
+                chunk = todo[lo : lo + config.query_chunk]
+                _relabel_chunk(chunk, retriever, scorer, position, config, journal, key, times, bar)
+    finally:
+        bar.close()
+        journal.close()
+    if retriever is not None:
+        rt = retriever.times
+        times.update(encode_corpus_s=rt.encode_corpus_s, index_s=rt.index_s, encode_queries_s=rt.encode_queries_s, search_s=rt.search_s)
+        summary.corpus_encoded = rt.corpus_encoded
+
+    # ---- assemble the output from the journal's raw scores
+    start = time.perf_counter()
+    entries = {e["key"]: e for e in journal.entries() if e.get("score_key") == key}
+    passages = {p.id: p for p in passage_list}
+    rows: list[dict] = []
+    ql_all, rc_all, ql_pos, ql_neg, rc_pos, rc_neg, margins, rhos = [], [], [], [], [], [], [], []
+    seed_bins = Counter()
+    for r in records:
+        example, reason, signals = build_example(r, entries[r.id], passages, config)
+        if example is None:
+            summary.skipped[reason] += 1
+            continue
+        seed_bins[_rank_bin(example.seed_rank)] += 1
+        margins.append(example.seed_margin)
+        if "ql" in signals and "rc" in signals:
+            rhos.append(_spearman(signals["ql"], signals["rc"]))
+        by_id = {c.id: c for c in example.candidates}
+        for c in example.candidates:
+            if c.ql is not None:
+                ql_all.append(c.ql)
+            if c.rc is not None:
+                rc_all.append(c.rc)
+        pos, neg = by_id[example.positive_id], by_id[example.negative_id]
+        if pos.ql is not None:
+            ql_pos.append(pos.ql)
+            ql_neg.append(neg.ql)
+        if pos.rc is not None:
+            rc_pos.append(pos.rc)
+            rc_neg.append(neg.rc)
+        if config.drop_easy_margin is not None and is_easy(example, config.drop_easy_margin):
+            summary.skipped["easy"] += 1
+            continue
+        summary.examples += 1
+        summary.positive_changed += example.positive_changed
+        rows.append(asdict(example))
+    if out.suffix == ".parquet":
+        _write_parquet_atomic(out, rows)
+    else:
+        write_jsonl_atomic(out, rows)
+    times["write_s"] = time.perf_counter() - start
+
+    summary.seed_rank = {b: seed_bins.get(b, 0) for b in SEED_RANK_BINS}
+    summary.seed_margin = _quantiles(margins)
+    summary.scores = {
+        name: d
+        for name, d in (
+            ("QL (all candidates)", _quantiles(ql_all)),
+            ("QL (positives)", _quantiles(ql_pos)),
+            ("QL (negatives)", _quantiles(ql_neg)),
+            ("RC (all candidates)", _quantiles(rc_all)),
+            ("RC (positives)", _quantiles(rc_pos)),
+            ("RC (negatives)", _quantiles(rc_neg)),
+        )
+        if d
+    }
+    summary.spearman_ql_rc = round(float(np.mean(rhos)), 4) if rhos else None
+    summary.pairs_scored = scorer.pairs
+    used = {c: (getattr(llm, c, 0) - before[c]) if before[c] is not None else None for c in counters}
+    summary.llm_calls, summary.llm_cache_hits = used["backend_calls"] or 0, used["cache_hits"] or 0
+    summary.tokens_evaluated = used["evaluated_tokens"]
+    summary.times = {k: round(v, 2) for k, v in times.items()}
+    summary.wall_s = round(time.perf_counter() - started, 2)
+    summary.config = {
+        "llm": getattr(llm, "identity", "?"),
+        "prompt_id": config.score.prompt.id,
+        **{k: v for k, v in asdict(config).items() if k not in ("score", "retrieve")},
+        "score": asdict(config.score),
+        "retrieve": asdict(config.retrieve),
+    }
+    write_json_atomic(out.with_name(out.name + ".summary.json"), summary.to_dict())
+    return summary
+
+
+def _relabel_chunk(
+    chunk: list[GeneratedRecord],
+    retriever: Retriever,
+    scorer: PairScorer,
+    position: dict[str, int],
+    config: RelabelConfig,
+    journal: Journal,
+    key: str,
+    times: Counter,
+    bar,
+) -> None:
+    """Retrieve and score one chunk of queries; each query is journaled when its last pair is scored."""
+    q_emb = retriever.embed_queries([config.retrieve.query_text(r.task, r.query) for r in chunk])
+    scores, idx = retriever.search(q_emb, config.top_n)
+    seed_emb = retriever.embed_passages([position[r.seed_id] for r in chunk])
+    seed_scores = (q_emb * seed_emb).sum(axis=1)
+    cands = [[int(i) for i in row if i >= 0] for row in idx]
+    found = [{i: s for i, s in zip(row_ids, row_scores)} for row_ids, row_scores in zip(idx.tolist(), scores.tolist())]
+    groups: dict[int, list[int]] = {}
+    for q, ids in enumerate(cands):
+        for i in ids:
+            groups.setdefault(i, []).append(q)
+    remaining = [set(ids) for ids in cands]
+    results: list[dict[int, PairScore]] = [{} for _ in chunk]
+
+    def finish(q: int) -> None:
+        r, ids = chunk[q], cands[q]
+        seed = position[r.seed_id]
+        seed_rank = ids.index(seed) + 1 if seed in ids else None
+        seed_score = float(seed_scores[q])
+        others = [found[q][i] for i in ids if i != seed]
+        margin = seed_score - (max(others) if others else seed_score)
+        journal.add(r.id, {
+            "score_key": key,
+            "candidates": [[retriever.passages[i].id, float(found[q][i]), *results[q][i].to_list()] for i in ids],
+            "seed_rank": seed_rank,
+            "seed_score": seed_score,
+            "seed_margin": margin,
+        })
+        bar.update(1)
+
+    for q, ids in enumerate(cands):
+        if not ids:
+            finish(q)
+            continue
+        for i in ids:
+            if i not in groups:
+                continue
+            members = groups.pop(i)
+            start = time.perf_counter()
+            scored = scorer.score_passage(retriever.passages[i], [chunk[m].query for m in members])
+            times["llm_s"] += time.perf_counter() - start
+            for m, s in zip(members, scored):
+                results[m][i] = s
+                remaining[m].discard(i)
+                if not remaining[m]:
+                    finish(m)

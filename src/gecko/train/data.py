@@ -1,0 +1,450 @@
+"""Training data: read each source, turn it into formatted (anchor, positive, negatives) examples,
+and mix the sources by weight.
+
+Sources (`DataSpec.kind`, sniffed from the path when "auto"):
+
+* `examples`: JSONL (.jsonl, .jsonl.gz) or Parquet with columns `task`, `query`, `positive` and
+  optional `negative` (a text or a list), `positive_title`, `negative_title`, `task_type`,
+  `symmetric` -- the output of `gecko relabel`, or any pairs / triples file with those columns.
+* `sts`: an STS folder (`{split}.tsv`) or .tsv file, header `sentence1, sentence2, score`: pairs with
+  score >= `min_score` become (s1, s2) positives, both sides in the query format.
+* `classification`: a folder (`{split}.csv`) or .csv file with `text` and `category` (or `label`):
+  each text x becomes a triple (x, another x with the same label, an x with another label), and
+  one unique id is appended to all three texts so in-batch negatives cannot be false negatives
+  (the Gecko paper's trick).
+* `beir`: a BEIR folder with `qrels.{split}.tsv`: one (query, judged document) pair per qrel.
+
+Formats (the paper's): query side `task: {task} | query: {text}`, document side
+`title: {title} | text: {text}` (title `none` when there is none); symmetric tasks (STS,
+classification, and rows with task_type `sentence_similarity` or `symmetric: true`) use the query
+format on both sides. Rows are dropped, and counted by reason, when a text is empty or the
+positive repeats the query; negatives equal to the query or positive are removed.
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import gzip
+import io
+import json
+import random
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from gecko.train.config import DataSpec
+
+QUERY_FORMAT = "task: {task} | query: {text}"
+DOCUMENT_FORMAT = "title: {title} | text: {text}"
+KINDS = ("examples", "sts", "classification", "beir")
+DEFAULT_TASKS = {"sts": "sentence similarity", "classification": "classification", "beir": "search result"}
+
+
+class TrainDataError(ValueError):
+    """Training data that cannot be used as given; the message names the file and line."""
+
+
+def format_query(text: str, task: str) -> str:
+    return f"task: {task} | query: {text}"
+
+
+def format_document(text: str, title: str = "") -> str:
+    return f"title: {(title or '').strip() or 'none'} | text: {text}"
+
+
+@dataclass
+class Example:
+    """One formatted training example: the texts exactly as the model sees them."""
+
+    anchor: str
+    positive: str
+    negatives: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SourceData:
+    """A data source read and converted: its examples plus the counts for the model card."""
+
+    spec: DataSpec
+    name: str
+    kind: str
+    task: str | None  # the task used for every row (None: per row, from the file)
+    examples: list[Example]
+    rows: int = 0  # source rows read (pairs, qrels, labelled texts)
+    dropped: collections.Counter = field(default_factory=collections.Counter)
+    symmetric: bool | str = False  # True, False or "per row"
+
+    @property
+    def max_negatives(self) -> int:
+        return max((len(e.negatives) for e in self.examples), default=0)
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name,
+            "path": str(self.spec.path),
+            "kind": self.kind,
+            "task": self.task if self.task is not None else "per row",
+            "symmetric": self.symmetric,
+            "weight": self.spec.weight,
+            "rows": self.rows,
+            "examples": len(self.examples),
+            "with_negatives": sum(1 for e in self.examples if e.negatives),
+            "max_negatives": self.max_negatives,
+            "dropped": dict(sorted(self.dropped.items())),
+        }
+
+
+# ---------------------------------------------------------------- sources
+
+
+def sniff_kind(path: Path, split: str = "train") -> str:
+    name = path.name.lower()
+    if path.is_dir():
+        if any((path / f).is_file() for f in ("corpus.jsonl", "corpus.jsonl.gz")):
+            return "beir"
+        if (path / f"{split}.tsv").is_file():
+            return "sts"
+        if (path / f"{split}.csv").is_file():
+            return "classification"
+        raise TrainDataError(f"{path}: cannot tell the data kind: no corpus.jsonl[.gz], {split}.tsv or {split}.csv")
+    if name.endswith((".jsonl", ".jsonl.gz", ".parquet")):
+        return "examples"
+    if name.endswith(".tsv"):
+        return "sts"
+    if name.endswith(".csv"):
+        return "classification"
+    raise TrainDataError(f"{path}: unsupported training data; expected .jsonl[.gz] / .parquet examples, "
+                         "an STS .tsv or folder, a classification .csv or folder, or a BEIR folder")
+
+
+def load_source(spec: DataSpec, seed: int = 0) -> SourceData:
+    path = Path(spec.path)
+    if not path.exists():
+        raise TrainDataError(f"{path}: no such file or directory")
+    kind = spec.kind if spec.kind != "auto" else sniff_kind(path, spec.split)
+    if kind not in KINDS:
+        raise TrainDataError(f"{path}: unknown data kind {kind!r}; known: {', '.join(KINDS)}")
+    name = spec.name or _default_name(path)
+    loader = {"examples": _load_examples, "sts": _load_sts, "classification": _load_classification, "beir": _load_beir}[kind]
+    source = loader(spec, path, name, seed)
+    if not source.examples:
+        raise TrainDataError(f"{path}: no usable training examples (dropped: {dict(source.dropped) or 'none'})")
+    return source
+
+
+def _default_name(path: Path) -> str:
+    name = path.name
+    for suffix in (".gz", ".jsonl", ".parquet", ".tsv", ".csv"):
+        name = name.removesuffix(suffix)
+    if name in ("train", "dev", "test") and path.parent.name:
+        name = path.parent.name
+    return name or "data"
+
+
+def _known_task(name: str) -> str | None:
+    from gecko.evaluate.tasks import KNOWN_TASKS
+
+    known = KNOWN_TASKS.get(name.lower())
+    return known.prompt if known else None
+
+
+def _task_for(spec: DataSpec, name: str, kind: str) -> str:
+    return spec.task or _known_task(name) or DEFAULT_TASKS[kind]
+
+
+def _clean(value) -> str:
+    return value.strip() if isinstance(value, str) else ""
+
+
+def _as_list(value) -> list:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    try:  # numpy arrays from Parquet list columns
+        return list(value)
+    except TypeError:
+        return [value]
+
+
+def _load_examples(spec: DataSpec, path: Path, name: str, seed: int) -> SourceData:
+    source = SourceData(spec, name, "examples", spec.task, [], symmetric="per row" if spec.symmetric is None else spec.symmetric)
+    for loc, row in _table_rows(path):
+        if spec.limit is not None and source.rows >= spec.limit:
+            break
+        source.rows += 1
+        task = _clean(row.get("task")) or (spec.task or "")
+        query, positive = _clean(row.get("query")), _clean(row.get("positive"))
+        if "query" not in row or "positive" not in row:
+            raise TrainDataError(f"{loc}: missing column 'query' or 'positive' (columns: {sorted(row)})")
+        if not task:
+            raise TrainDataError(f"{loc}: no task (give a `task` column, or DataSpec.task for the whole file)")
+        if not query or not positive:
+            source.dropped["empty_text"] += 1
+            continue
+        if query == positive:
+            source.dropped["positive_equals_query"] += 1
+            continue
+        symmetric = spec.symmetric
+        if symmetric is None:
+            symmetric = bool(row.get("symmetric")) or row.get("task_type") == "sentence_similarity"
+        negatives = [_clean(n) for n in _as_list(row.get("negative"))]
+        titles = [_clean(t) for t in _as_list(row.get("negative_title"))]
+        if symmetric:
+            doc = lambda text, title: format_query(text, task)  # noqa: E731
+        else:
+            doc = lambda text, title: format_document(text, title)  # noqa: E731
+        anchor = format_query(query, task)
+        pos = doc(positive, _clean(row.get("positive_title")))
+        kept: list[str] = []
+        for i, neg in enumerate(negatives):
+            if not neg:
+                continue
+            text = doc(neg, titles[i] if i < len(titles) else "")
+            if neg in (query, positive) or text in (anchor, pos):
+                source.dropped["negative_equals_query_or_positive"] += 1
+                continue
+            if text not in kept:
+                kept.append(text)
+        if spec.max_negatives is not None:
+            kept = kept[: spec.max_negatives]
+        source.examples.append(Example(anchor, pos, kept))
+    return source
+
+
+def _load_sts(spec: DataSpec, path: Path, name: str, seed: int) -> SourceData:
+    file = path / f"{spec.split}.tsv" if path.is_dir() else path
+    task = _task_for(spec, name, "sts")
+    source = SourceData(spec, name, "sts", task, [], symmetric=True)
+    for loc, row in _delimited_rows(file, "\t"):
+        if spec.limit is not None and source.rows >= spec.limit:
+            break
+        for column in ("sentence1", "sentence2", "score"):
+            if column not in row:
+                raise TrainDataError(f"{loc}: STS data needs columns sentence1, sentence2, score; got {sorted(row)}")
+        source.rows += 1
+        try:
+            score = float(row["score"])
+        except ValueError:
+            raise TrainDataError(f"{loc}: score {row['score']!r} is not a number") from None
+        a, b = _clean(row["sentence1"]), _clean(row["sentence2"])
+        if not a or not b:
+            source.dropped["empty_text"] += 1
+        elif score < spec.min_score:
+            source.dropped[f"score_below_{spec.min_score:g}"] += 1
+        elif a == b:
+            source.dropped["identical_pair"] += 1
+        else:
+            source.examples.append(Example(format_query(a, task), format_query(b, task)))
+    return source
+
+
+def _load_classification(spec: DataSpec, path: Path, name: str, seed: int) -> SourceData:
+    file = path / f"{spec.split}.csv" if path.is_dir() else path
+    task = _task_for(spec, name, "classification")
+    texts: list[tuple[str, str]] = []
+    for loc, row in _delimited_rows(file, ","):
+        label_col = "category" if "category" in row else "label" if "label" in row else None
+        if "text" not in row or label_col is None:
+            raise TrainDataError(f"{loc}: classification data needs columns text and category (or label); got {sorted(row)}")
+        texts.append((_clean(row["text"]), _clean(str(row[label_col]))))
+    source = SourceData(spec, name, "classification", task, [], rows=len(texts), symmetric=True)
+    source.examples = classification_triples(texts, task, name=name, seed=seed, limit=spec.limit, dropped=source.dropped)
+    return source
+
+
+def classification_triples(
+    texts: list[tuple[str, str]],
+    task: str,
+    *,
+    name: str = "cls",
+    seed: int = 0,
+    limit: int | None = None,
+    dropped: collections.Counter | None = None,
+) -> list[Example]:
+    """(x, x+ same label, x- other label) for each labelled text x, with one unique id appended to
+    all three texts: `{text} (id {name}-{n})`, then the query format on all three (symmetric task).
+
+    x+ and x- are drawn with `random.Random(seed)`; x+ is never x itself (by text), x- never shares
+    x's label. Texts whose label has no other text are dropped (counted as `singleton_label`).
+    """
+    dropped = dropped if dropped is not None else collections.Counter()
+    rng = random.Random(seed)
+    by_label: dict[str, list[str]] = collections.defaultdict(list)
+    cleaned = []
+    for text, label in texts:
+        if not text or not label:
+            dropped["empty_text"] += 1
+            continue
+        cleaned.append((text, label))
+        by_label[label].append(text)
+    labels = sorted(by_label)
+    if len(labels) < 2:
+        raise TrainDataError(f"{name}: classification data needs at least two labels, found {len(labels)}")
+    order = list(range(len(cleaned)))
+    rng.shuffle(order)
+    out: list[Example] = []
+    for n, i in enumerate(order):
+        if limit is not None and len(out) >= limit:
+            break
+        text, label = cleaned[i]
+        same = [t for t in by_label[label] if t != text]
+        if not same:
+            dropped["singleton_label"] += 1
+            continue
+        positive = rng.choice(same)
+        other = rng.choice([lab for lab in labels if lab != label])
+        negative = rng.choice(by_label[other])
+        uid = f" (id {name}-{n})"
+        out.append(Example(format_query(text + uid, task), format_query(positive + uid, task), [format_query(negative + uid, task)]))
+    return out
+
+
+def _load_beir(spec: DataSpec, path: Path, name: str, seed: int) -> SourceData:
+    from gecko.corpus import CorpusError, load_beir
+
+    try:
+        data = load_beir(path, split=spec.split)
+    except CorpusError as err:
+        raise TrainDataError(str(err)) from None
+    task = _task_for(spec, name, "beir")
+    docs = {p.doc_id: p for p in data.corpus}
+    source = SourceData(spec, name, "beir", task, [], symmetric=bool(spec.symmetric))
+    for qid in data.qrels:
+        for docid, score in data.qrels[qid].items():
+            if spec.limit is not None and source.rows >= spec.limit:
+                break
+            source.rows += 1
+            if score <= 0:
+                source.dropped["not_relevant"] += 1
+                continue
+            query, passage = data.queries[qid].strip(), docs[docid]
+            if not query or not passage.text.strip():
+                source.dropped["empty_text"] += 1
+                continue
+            positive = format_query(passage.text, task) if spec.symmetric else format_document(passage.text, passage.title)
+            source.examples.append(Example(format_query(query, task), positive))
+    return source
+
+
+# ---------------------------------------------------------------- readers
+
+
+def _table_rows(path: Path) -> Iterator[tuple[str, dict]]:
+    name = path.name.lower()
+    if name.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.ParquetFile(path)
+        except Exception as err:  # pyarrow raises several types
+            raise TrainDataError(f"{path}: cannot read Parquet: {err}") from None
+        n = 0
+        for batch in table.iter_batches():
+            for record in batch.to_pylist():
+                n += 1
+                yield f"{path}:row {n}", record
+        return
+    opener = gzip.open if name.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as handle:
+        for lineno, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise TrainDataError(f"{path}:{lineno}: invalid JSON: {err.msg} (column {err.colno})") from None
+            if not isinstance(record, dict):
+                raise TrainDataError(f"{path}:{lineno}: expected a JSON object")
+            yield f"{path}:{lineno}", record
+
+
+def _delimited_rows(path: Path, delimiter: str) -> Iterator[tuple[str, dict]]:
+    if not path.is_file():
+        raise TrainDataError(f"{path}: no such file")
+    csv.field_size_limit(sys.maxsize)
+    text = path.read_text(encoding="utf-8-sig")
+    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting)
+    header = next(reader, None)
+    if not header:
+        raise TrainDataError(f"{path}:1: expected a header row")
+    start = reader.line_num
+    for row in reader:
+        line, start = start + 1, reader.line_num
+        if not row:
+            continue
+        if len(row) != len(header):
+            raise TrainDataError(f"{path}:{line}: expected {len(header)} fields, got {len(row)}")
+        yield f"{path}:{line}", dict(zip(header, row))
+
+
+# ---------------------------------------------------------------- mixture
+
+
+@dataclass
+class Mixture:
+    """The examples of one epoch per source, after weighting (repeats / subsampling)."""
+
+    sources: list[SourceData]
+    per_source: dict[str, list[Example]]
+
+    def counts(self) -> dict[str, int]:
+        return {name: len(rows) for name, rows in self.per_source.items()}
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts().values())
+
+
+def build_mixture(sources: list[SourceData], *, examples_per_epoch: int | None = None, seed: int = 0) -> Mixture:
+    """Weighted mixture: source i contributes round(w_i * n_i) examples per epoch (its examples each
+    used w_i times on average: 1 = once, 0.5 = a random half, 3 = three times), scaled so the epoch
+    holds `examples_per_epoch` examples when given. Repeats are whole reshuffled passes plus a
+    random part-pass; the draw is fixed by `seed`, so a resumed run sees the same epoch.
+    """
+    names = [s.name for s in sources]
+    if len(set(names)) != len(names):
+        raise TrainDataError(f"data source names must be unique, got {names} (give each a name=)")
+    wanted = {s.name: s.spec.weight * len(s.examples) for s in sources}
+    total = sum(wanted.values())
+    if total <= 0:
+        raise TrainDataError("all data weights are zero")
+    scale = examples_per_epoch / total if examples_per_epoch else 1.0
+    per_source: dict[str, list[Example]] = {}
+    for index, source in enumerate(sources):
+        count = int(round(wanted[source.name] * scale))
+        if count <= 0:
+            continue
+        rng = random.Random(seed * 1000003 + index)
+        rows: list[Example] = []
+        while len(rows) < count:
+            order = list(range(len(source.examples)))
+            rng.shuffle(order)
+            rows.extend(source.examples[i] for i in order[: count - len(rows)])
+        per_source[source.name] = rows
+    return Mixture(sources, per_source)
+
+
+def to_columns(examples: list[Example], negatives: int, *, count_column: bool) -> dict[str, list]:
+    """Dataset columns: anchor, positive, negative_1..negative_k and (when `count_column`) `label`
+    = how many of the negative columns are real. Missing negatives are filled with the row's own
+    positive (a duplicate inside its row, never seen across rows) and masked by the loss."""
+    columns: dict[str, list] = {"anchor": [], "positive": []}
+    for k in range(negatives):
+        columns[f"negative_{k + 1}"] = []
+    if count_column:
+        columns["label"] = []
+    for example in examples:
+        columns["anchor"].append(example.anchor)
+        columns["positive"].append(example.positive)
+        real = example.negatives[:negatives]
+        for k in range(negatives):
+            columns[f"negative_{k + 1}"].append(real[k] if k < len(real) else example.positive)
+        if count_column:
+            columns["label"].append(len(real))
+    return columns

@@ -1,0 +1,557 @@
+"""`train(config) -> Path`: the Gecko fine-tuning run on sentence-transformers' Trainer.
+
+Layout of the output folder `OUT` (a sentence-transformers model once finished):
+
+    OUT/                     the trained model (SentenceTransformer(OUT) loads it offline)
+    OUT/README.md            model card: data and counts, dims, prompts, loss settings, eval numbers
+    OUT/loss.png             loss curve (all stages)
+    OUT/training.json        the config, data counts, loss, throughput and log history
+    OUT/train_log.jsonl      events as they happen: start / resume (with the step), logs, checkpoints, end
+    OUT/.train/              working state, deleted at the end unless keep_checkpoints:
+        config.json          the run's config (a --resume must match it)
+        pretrain/checkpoints/checkpoint-N, pretrain/model   (the optional pre-finetuning stage)
+        finetune/checkpoints/checkpoint-N
+
+Checkpoints are the Trainer's (model, optimizer, scheduler, RNG, trainer state; trainer_state.json
+is written last, so a checkpoint without it is incomplete and ignored). `resume=True` continues
+from the newest complete checkpoint: the global step, the learning-rate schedule and the data
+order (a seeded sampler, batches already seen are skipped) continue where they were.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gecko.journal import write_json_atomic
+from gecko.models import resolve_embedder
+from gecko.train.config import StageConfig, TrainConfig
+from gecko.train.data import Mixture, build_mixture, load_source, to_columns
+
+logger = logging.getLogger(__name__)
+
+GENERIC_QUERY_TASK = "search result"
+STATE_DIR = ".train"
+DEFAULT_SMALLER_DIMS = (256, 128, 64)
+
+
+class TrainError(ValueError):
+    """A training run that cannot start as asked (bad output folder, a --resume that does not match)."""
+
+
+def default_dims(full: int) -> list[int]:
+    """The full dimension plus 256, 128 and 64 below it: 384, 256, 128, 64 for MiniLM."""
+    return [full] + [d for d in DEFAULT_SMALLER_DIMS if d < full]
+
+
+def saved_prompts() -> dict[str, str]:
+    """The prompts saved with the model (config_sentence_transformers.json).
+
+    `query`: a generic query (`task: search result | query: `), used by `model.encode_query(x)`;
+    `document`: `title: none | text: ` (used by `model.encode_document(x)`); and one per known
+    evaluation task (`scifact`, `stsb`, `sts12`..`sts16`, `banking77`) with its task description.
+    No default prompt is set, so `model.encode(x)` embeds x as given.
+    """
+    from gecko.evaluate.tasks import KNOWN_TASKS
+
+    prompts = {"query": f"task: {GENERIC_QUERY_TASK} | query: ", "document": "title: none | text: "}
+    for name, known in KNOWN_TASKS.items():
+        prompts[name] = f"task: {known.prompt} | query: "
+    return prompts
+
+
+# ---------------------------------------------------------------- distributed helpers
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _world() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+# ---------------------------------------------------------------- event log
+
+
+class EventLog:
+    """Append-only JSON lines (rank 0 only): what happened, when, at which step."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path = path
+        self.enabled = enabled
+
+    def write(self, event: str, **fields) -> None:
+        if not self.enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        record = {"event": event, "time": round(time.time(), 3), **fields}
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+            handle.flush()
+
+    def read(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        out = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a torn last line after kill -9
+        return out
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def complete_checkpoints(directory: Path) -> list[Path]:
+    """Checkpoints with trainer_state.json (written last), oldest first."""
+    if not directory.is_dir():
+        return []
+    found = []
+    for path in directory.glob("checkpoint-*"):
+        try:
+            step = int(path.name.split("-", 1)[1])
+        except ValueError:
+            continue
+        state = path / "trainer_state.json"
+        if path.is_dir() and state.is_file():
+            try:
+                json.loads(state.read_text())
+            except (json.JSONDecodeError, OSError):
+                continue
+            found.append((step, path))
+    return [p for _, p in sorted(found)]
+
+
+def _drop_incomplete(directory: Path) -> None:
+    complete = set(complete_checkpoints(directory))
+    if directory.is_dir():
+        for path in directory.glob("checkpoint-*"):
+            if path.is_dir() and path not in complete:
+                shutil.rmtree(path, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- stage
+
+
+@dataclass
+class StageResult:
+    name: str
+    steps: int
+    examples: int  # examples seen by this process' run of the stage (all devices)
+    seconds: float
+    examples_per_s: float
+    resumed_from: int | None
+    log_history: list[dict]
+    mixture: dict[str, int]
+    sources: list[dict]
+    loss: dict
+    args: dict
+    model_path: str | None = None
+    skipped: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+def _build_datasets(mixture: Mixture, *, homogeneous: bool, hard_negatives: str, seed: int):
+    """A Dataset (mixed batches) or a DatasetDict (one source per batch), and whether the loss
+    reads negative counts from the `label` column."""
+    from datasets import Dataset, DatasetDict
+
+    def negatives_of(rows) -> int:
+        return 0 if hard_negatives == "none" else max((len(e.negatives) for e in rows), default=0)
+
+    if homogeneous:
+        parts = {}
+        uses_counts = False
+        for name, rows in mixture.per_source.items():
+            k = negatives_of(rows)
+            padded = k > 0 and any(len(e.negatives) < k for e in rows)
+            uses_counts |= padded
+            parts[name] = Dataset.from_dict(to_columns(rows, k, count_column=k > 0))
+        return DatasetDict(parts), uses_counts or any("label" in d.column_names for d in parts.values())
+    rows = [e for part in mixture.per_source.values() for e in part]
+    k = negatives_of(rows)
+    dataset = Dataset.from_dict(to_columns(rows, k, count_column=k > 0))
+    return dataset, k > 0
+
+
+def _make_loss(model, config: TrainConfig, *, same_tower: bool, hard_negatives: str, uses_counts: bool, dims: list[int],
+               homogeneous: bool):
+    from sentence_transformers.sentence_transformer.losses import MatryoshkaLoss
+
+    from gecko.train.loss import GeckoCachedLoss, GeckoLoss
+
+    gather = config.gather_across_devices and _world() > 1
+    if gather and homogeneous and hard_negatives == "batch":
+        # devices may hold batches of different sources (different negative columns): nothing to gather them with
+        logger.warning("homogeneous batches under DDP: hard_negatives='batch' cannot gather negatives; using 'own'")
+        hard_negatives = "own"
+    common = dict(temperature=config.temperature, same_tower=same_tower, hard_negatives=hard_negatives,
+                  negatives_in_label=uses_counts, gather_across_devices=gather)
+    if config.mini_batch_size:
+        inner = GeckoCachedLoss(model, mini_batch_size=config.mini_batch_size, **common)
+    else:
+        inner = GeckoLoss(model, bucketed=config.bucketed, **common)
+    full = model.get_embedding_dimension()
+    if dims == [full]:
+        return inner, inner
+    weights = config.dim_weights or [1.0] * len(dims)
+    return MatryoshkaLoss(model, inner, matryoshka_dims=dims, matryoshka_weights=weights), inner
+
+
+def _trainer_class():
+    from sentence_transformers import SentenceTransformerTrainer
+    from transformers.trainer import TRAINING_ARGS_NAME
+
+    class _Trainer(SentenceTransformerTrainer):
+        """Checkpoints without a generated model card (the final card is ours)."""
+
+        def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+            import torch
+
+            output_dir = output_dir if output_dir is not None else self.args.output_dir
+            os.makedirs(output_dir, exist_ok=True)
+            self.model.save_pretrained(output_dir, create_model_card=False)
+            torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    return _Trainer
+
+
+def _callbacks(events: EventLog, stage: str, examples_per_step: int, progress: bool):
+    from transformers import TrainerCallback
+
+    class GeckoProgress(TrainerCallback):
+        """A progress bar with the last loss and examples/s; events to train_log.jsonl."""
+
+        def __init__(self):
+            self.bar = None
+            self.start = None
+            self.first_step = 0
+            self.last_loss = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start = time.perf_counter()
+            self.first_step = state.global_step
+            if state.is_world_process_zero and progress:
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc=f"train {stage}", unit="step",
+                                dynamic_ncols=True)
+
+        def rate(self, state) -> float:
+            elapsed = time.perf_counter() - (self.start or time.perf_counter())
+            done = state.global_step - self.first_step
+            return done * examples_per_step / elapsed if elapsed > 0 and done > 0 else 0.0
+
+        def _postfix(self, state, refresh: bool) -> None:
+            if self.bar is not None:
+                postfix = {"ex/s": f"{self.rate(state):.1f}"}
+                if self.last_loss is not None:
+                    postfix = {"loss": f"{self.last_loss:.4f}", **postfix}
+                self.bar.set_postfix(postfix, refresh=refresh)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.bar is not None:
+                self.bar.update(state.global_step - self.bar.n)
+                self._postfix(state, refresh=False)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = logs or {}
+            if "loss" in logs:
+                self.last_loss = float(logs["loss"])
+                self._postfix(state, refresh=True)
+                events.write("log", stage=stage, step=state.global_step, loss=self.last_loss,
+                             lr=logs.get("learning_rate"), examples_per_s=round(self.rate(state), 3))
+
+        def on_save(self, args, state, control, **kwargs):
+            events.write("checkpoint", stage=stage, step=state.global_step)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.bar is not None:
+                self.bar.close()
+
+    return GeckoProgress()
+
+
+def _run_stage(
+    name: str,
+    config: TrainConfig,
+    *,
+    base: str,
+    data,
+    steps: int | None,
+    epochs: float,
+    batch_size: int,
+    lr: float,
+    same_tower: bool,
+    hard_negatives: str,
+    stage_dir: Path,
+    events: EventLog,
+):
+    import torch
+    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainingArguments
+    from sentence_transformers.base.sampler import BatchSamplers, MultiDatasetBatchSamplers
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    sources = [load_source(spec, seed=config.seed) for spec in data]
+    if hard_negatives == "none":  # pairs only: do not embed negatives the loss ignores
+        for source in sources:
+            for example in source.examples:
+                example.negatives = []
+    mixture = build_mixture(sources, examples_per_epoch=config.examples_per_epoch, seed=config.seed)
+    dataset, uses_counts = _build_datasets(mixture, homogeneous=config.homogeneous, hard_negatives=hard_negatives,
+                                           seed=config.seed)
+
+    device = config.device
+    use_cpu = device == "cpu" or (device is None and not torch.cuda.is_available())
+    model = SentenceTransformer(resolve_embedder(base), device="cpu" if use_cpu else device)
+    base_max_seq_length = model.max_seq_length
+    if config.max_seq_length:
+        model.max_seq_length = config.max_seq_length
+    # the transformer's pooler head is not used by sentence-transformers' pooling; frozen, so DDP
+    # does not wait for gradients that never come (no find_unused_parameters graph walk each step)
+    for param_name, param in model.named_parameters():
+        if ".pooler." in param_name:
+            param.requires_grad_(False)
+    full = model.get_embedding_dimension()
+    dims = config.dims or default_dims(full)
+    if dims[0] > full:
+        raise TrainError(f"dims {dims}: the base model has {full} dimensions")
+    loss, inner = _make_loss(model, config, same_tower=same_tower, hard_negatives=hard_negatives, uses_counts=uses_counts,
+                             dims=dims, homogeneous=config.homogeneous)
+
+    world = _world()
+    total = mixture.total
+    drop_last = total >= batch_size * world
+    precision = config.precision
+    if precision == "auto":
+        precision = "bf16" if (not use_cpu and torch.cuda.is_bf16_supported()) else "fp32"
+    checkpoints = stage_dir / "checkpoints"
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(checkpoints),
+        per_device_train_batch_size=batch_size,
+        learning_rate=lr,
+        num_train_epochs=epochs,
+        max_steps=steps if steps else -1,
+        warmup_steps=config.warmup if config.warmup < 1 else int(config.warmup),
+        weight_decay=config.weight_decay,
+        lr_scheduler_type="linear",
+        logging_steps=config.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit,
+        seed=config.seed,
+        data_seed=config.seed,
+        batch_sampler=BatchSamplers.NO_DUPLICATES,
+        multi_dataset_batch_sampler=MultiDatasetBatchSamplers.PROPORTIONAL,
+        dataloader_drop_last=drop_last,
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=use_cpu,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        ddp_backend="gloo" if (use_cpu and world > 1) else None,
+        ddp_find_unused_parameters=False if world > 1 else None,
+    )
+    progress = _callbacks(events, name, batch_size * world, config.progress)
+    trainer = _trainer_class()(model=model, args=args, train_dataset=dataset, loss=loss, callbacks=[progress])
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+
+    resume_from = None
+    if config.resume:
+        if _rank() == 0:
+            _drop_incomplete(checkpoints)
+        _barrier()
+        found = complete_checkpoints(checkpoints)
+        resume_from = found[-1] if found else None
+    resumed_step = int(resume_from.name.split("-", 1)[1]) if resume_from else None
+    events.write("resume" if resume_from else "start", stage=name, resumed_from=resumed_step,
+                 checkpoint=str(resume_from) if resume_from else None, examples=total, world_size=world)
+    start = time.perf_counter()
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    seconds = time.perf_counter() - start
+    steps_run = trainer.state.global_step - (resumed_step or 0)
+    examples = steps_run * batch_size * world
+    result = StageResult(
+        name=name,
+        steps=trainer.state.global_step,
+        examples=examples,
+        seconds=round(seconds, 2),
+        examples_per_s=round(examples / seconds, 2) if seconds > 0 else 0.0,
+        resumed_from=resumed_step,
+        log_history=list(trainer.state.log_history),
+        mixture=mixture.counts(),
+        sources=[s.describe() for s in mixture.sources],
+        loss={
+            "name": type(inner).__name__,
+            "formula": "softmax cross-entropy over in-batch positives"
+            + (", own hard negatives" if hard_negatives == "own" else ", all in-batch hard negatives" if hard_negatives == "batch" else "")
+            + (", same-tower (other queries)" if same_tower else ""),
+            **inner.get_config_dict(),
+            "matryoshka_dims": dims,
+            "matryoshka_weights": list(config.dim_weights or [1.0] * len(dims)),
+        },
+        args={
+            "batch_size_per_device": batch_size,
+            "world_size": world,
+            "learning_rate": lr,
+            "epochs": epochs,
+            "max_steps": steps,
+            "warmup": config.warmup,
+            "weight_decay": config.weight_decay,
+            "max_seq_length": model.max_seq_length,
+            "precision": precision,
+            "device": str(model.device),
+            "homogeneous_batches": config.homogeneous,
+            "batch_sampler": "no duplicates" + (", proportional per source" if config.homogeneous else ""),
+            "mini_batch_size": config.mini_batch_size,
+        },
+        extra={"base_max_seq_length": base_max_seq_length},
+    )
+    events.write("end", stage=name, global_step=trainer.state.global_step, examples=examples, seconds=round(seconds, 2))
+    return result, trainer, model
+
+
+def _stage_params(config: TrainConfig, stage: StageConfig | None):
+    if stage is None:
+        return dict(data=config.data, steps=config.steps, epochs=config.epochs, batch_size=config.batch_size, lr=config.lr)
+    return dict(data=stage.data, steps=stage.steps, epochs=stage.epochs, batch_size=stage.batch_size or config.batch_size,
+                lr=stage.lr or config.lr)
+
+
+# ---------------------------------------------------------------- the run
+
+
+def _check_out(out: Path, config: TrainConfig) -> bool:
+    """Validate the output folder; True when the run is already complete (resume of a finished run)."""
+    state = out / STATE_DIR / "config.json"
+    if (out / "training.json").is_file():
+        if config.resume:
+            return True
+        raise TrainError(f"{out}: already holds a finished training run; choose a new --out")
+    if state.exists():
+        if not config.resume:
+            raise TrainError(f"{out}: holds an unfinished training run; pass --resume to continue it, or choose a new --out")
+        saved = json.loads(state.read_text(encoding="utf-8"))
+        mine = config.fingerprint()
+        diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
+        if diff:
+            raise TrainError(f"{out}: --resume with a different configuration ({', '.join(diff)}); "
+                             "use the original arguments or a new --out")
+        return False
+    if out.exists() and any(out.iterdir()):
+        raise TrainError(f"{out}: exists and is not empty; choose a new --out")
+    return False
+
+
+def train(config: TrainConfig) -> Path:
+    """Train per `config`; returns the output folder (a sentence-transformers model)."""
+    out = Path(config.out)
+    main = _rank() == 0
+    if (out / "training.json").is_file() and config.resume:
+        return out  # every rank sees the same finished folder
+    if main:
+        _check_out(out, config)
+    state_dir = out / STATE_DIR
+    if main:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(state_dir / "config.json", config.fingerprint())
+    events = EventLog(out / "train_log.jsonl", enabled=main)
+    results: list[StageResult] = []
+    base = config.base
+
+    if config.pretrain is not None:
+        pre_dir = state_dir / "pretrain"
+        model_dir = pre_dir / "model"
+        if (model_dir / ".complete").exists():
+            saved = json.loads((model_dir / ".complete").read_text())
+            results.append(StageResult(**{**saved, "skipped": True}))
+            events.write("skip", stage="pretrain", reason="finished earlier")
+        else:
+            params = _stage_params(config, config.pretrain)
+            result, trainer, model = _run_stage("pretrain", config, base=base, same_tower=False, hard_negatives="none",
+                                                stage_dir=pre_dir, events=events, **params)
+            if main:
+                model.max_seq_length = result.extra["base_max_seq_length"]
+                model.save(str(model_dir), create_model_card=False)
+                result.model_path = str(model_dir)
+                write_json_atomic(model_dir / ".complete", result.__dict__)
+            results.append(result)
+            del trainer, model
+        _barrier()
+        base = str(model_dir)
+
+    params = _stage_params(config, None)
+    result, trainer, model = _run_stage("finetune", config, base=base, same_tower=config.same_tower,
+                                        hard_negatives=config.hard_negatives, stage_dir=state_dir / "finetune",
+                                        events=events, **params)
+    results.append(result)
+    if main:
+        _finish(out, config, model, results, events)
+    _barrier()
+    return out
+
+
+def _finish(out: Path, config: TrainConfig, model, results: list[StageResult], events: EventLog) -> None:
+    from gecko.train.card import plot_loss, write_model_card
+
+    model.prompts = saved_prompts()
+    model.default_prompt_name = None
+    # --max-seq-length is a training setting; the saved model keeps the base model's for inference
+    model.max_seq_length = results[-1].extra.get("base_max_seq_length") or model.max_seq_length
+    model.save(str(out), create_model_card=False)
+    plot_loss(results, out / "loss.png")
+    record = {
+        "format": "gecko-train/1",
+        "base": config.base,
+        "base_path": resolve_embedder(config.base),
+        "config": config.to_dict(),
+        "prompts": saved_prompts(),
+        "stages": [r.__dict__ for r in results],
+        "versions": _versions(),
+    }
+    write_json_atomic(out / "training.json", record)
+    events.write("done", out=str(out))
+    # evaluated last: README.md and hidden files are not part of the model identity the eval cache keys on
+    eval_md = _evaluate(out, config, results[-1].loss["matryoshka_dims"]) if config.eval_tasks else None
+    write_model_card(out, record, eval_md)
+    if not config.keep_checkpoints:
+        shutil.rmtree(out / STATE_DIR, ignore_errors=True)
+
+
+def _evaluate(out: Path, config: TrainConfig, dims: list[int]) -> str:
+    """Score the trained model (and the base, when asked) with `gecko.evaluate`; markdown table."""
+    from gecko.evaluate import evaluate, load_baseline
+
+    options = dict(prompts=True, progress=config.progress)
+    results = evaluate(str(out), config.eval_tasks, dims, **options)
+    baseline = load_baseline(config.base, config.eval_tasks, dims, **options) if config.eval_baseline else None
+    results.write(out / ".eval", baseline=baseline)
+    return results.table(baseline)
+
+
+def _versions() -> dict[str, str]:
+    import platform
+
+    import sentence_transformers
+    import torch
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "sentence_transformers": sentence_transformers.__version__}
