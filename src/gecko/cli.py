@@ -300,7 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     rl.add_argument("--nprobe", type=int, default=32, help="ivf cells searched per query")
     rl.add_argument("--query-format", default="{task} {query}", help="retriever input for a query (fields {task}, {query})")
     rl.add_argument("--document-format", default="{title} {text}", help="retriever input for a passage (fields {title}, {text})")
-    rl.add_argument("--query-chunk", type=int, default=256, help="queries retrieved and scored together (bounds memory)")
+    rl.add_argument("--query-chunk", type=int, default=4096,
+                    help="queries retrieved and scored together: bounds memory; passages shared within a chunk are evaluated once")
     rl.add_argument("--limit", type=int, default=None, help="only the first N generated queries")
     rl.set_defaults(func=_cmd_relabel)
 

@@ -280,6 +280,15 @@ def _records(path: Path, fields: _Fields) -> Iterator[tuple[str, dict | _Bad]]:
     raise CorpusError(f"{path}: unsupported corpus type; expected {SUPPORTED}")
 
 
+def read_jsonl(path: str | Path, error: type[Exception] = CorpusError) -> Iterator[tuple[str, dict]]:
+    """(`file:line`, object) for each non-blank line of a JSONL(.gz) file; the first bad line
+    raises `error("file:line: what is wrong")` (the stages' own error types subclass CorpusError)."""
+    for loc, record in _jsonl_records(Path(path)):
+        if isinstance(record, _Bad):
+            raise error(f"{loc}: {record}")
+        yield loc, record
+
+
 def _jsonl_records(path: Path) -> Iterator[tuple[str, dict | _Bad]]:
     opener = gzip.open if path.name.lower().endswith(".gz") else open
     try:

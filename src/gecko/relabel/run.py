@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from gecko.corpus import CorpusError, Passage, load_corpus
+from gecko.corpus import CorpusError, Passage, load_corpus, read_jsonl
 from gecko.journal import Journal, write_json_atomic, write_jsonl_atomic
 from gecko.llm.base import LLM
 from gecko.relabel.fusion import FUSIONS, NEGATIVE_METHODS, fuse, parse_weights, ranks, select_negatives
@@ -51,7 +51,10 @@ class RelabelConfig:
     seed: int = 0  # for negative="random"
     seed_not_negative: bool = True  # the seed passage is never a negative (it is relevant by construction)
     drop_easy_margin: float | None = None  # drop examples the retriever already gets right by this margin
-    query_chunk: int = 256
+    # queries retrieved and scored together: a passage retrieved by several queries of one chunk
+    # is evaluated by the LLM once for all of them, so bigger chunks share more; memory per chunk
+    # is a few hundred bytes per query (its top-N ids, scores and LLM scores)
+    query_chunk: int = 4096
     score: ScoreConfig = ScoreConfig()
     retrieve: RetrieveConfig = RetrieveConfig()
 
@@ -185,32 +188,18 @@ def load_generated(path: str | Path) -> list[GeneratedRecord]:
         raise RelabelError(f"{path}: no such file")
     out: list[GeneratedRecord] = []
     seen: dict[str, str] = {}
-    with path.open("rb") as handle:
-        for lineno, raw in enumerate(handle, 1):
-            where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise RelabelError(f"{where}: invalid UTF-8 at byte {err.start + 1} of the line") from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise RelabelError(f"{where}: invalid JSON: {err.msg} (column {err.colno}); expected JSONL from `gecko generate`") from None
-            if not isinstance(record, dict):
-                raise RelabelError(f"{where}: expected a JSON object")
-            for name in REQUIRED:
-                value = record.get(name)
-                if not isinstance(value, str) or not value.strip():
-                    raise RelabelError(f"{where}: missing or empty field {name!r} (needs {', '.join(REQUIRED)})")
-            task_type = record.get("task_type")
-            if task_type is not None and not isinstance(task_type, str):
-                raise RelabelError(f"{where}: field 'task_type' must be a string")
-            if record["id"] in seen:
-                raise RelabelError(f"{where}: duplicate id {record['id']!r} (first at {seen[record['id']]})")
-            seen[record["id"]] = where
-            out.append(GeneratedRecord(record["id"], record["seed_id"], task_type, record["task"], record["query"], where))
+    for where, record in read_jsonl(path, RelabelError):
+        for name in REQUIRED:
+            value = record.get(name)
+            if not isinstance(value, str) or not value.strip():
+                raise RelabelError(f"{where}: missing or empty field {name!r} (needs {', '.join(REQUIRED)})")
+        task_type = record.get("task_type")
+        if task_type is not None and not isinstance(task_type, str):
+            raise RelabelError(f"{where}: field 'task_type' must be a string")
+        if record["id"] in seen:
+            raise RelabelError(f"{where}: duplicate id {record['id']!r} (first at {seen[record['id']]})")
+        seen[record["id"]] = where
+        out.append(GeneratedRecord(record["id"], record["seed_id"], task_type, record["task"], record["query"], where))
     if not out:
         raise RelabelError(f"{path}: no records")
     return out

@@ -25,15 +25,14 @@ from __future__ import annotations
 
 import collections
 import csv
-import gzip
 import io
-import json
 import random
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from gecko.corpus import read_jsonl
 from gecko.train.config import DataSpec
 
 QUERY_FORMAT = "task: {task} | query: {text}"
@@ -349,18 +348,7 @@ def _table_rows(path: Path) -> Iterator[tuple[str, dict]]:
                 n += 1
                 yield f"{path}:row {n}", record
         return
-    opener = gzip.open if name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise TrainDataError(f"{path}:{lineno}: invalid JSON: {err.msg} (column {err.colno})") from None
-            if not isinstance(record, dict):
-                raise TrainDataError(f"{path}:{lineno}: expected a JSON object")
-            yield f"{path}:{lineno}", record
+    yield from read_jsonl(path, TrainDataError)
 
 
 def _delimited_rows(path: Path, delimiter: str) -> Iterator[tuple[str, dict]]:
