@@ -8,6 +8,7 @@ few-shot prompt (passages cut to 200 words), in the same process:
 - naive: two separate full prompts per pair (QL prompt, then RC prompt), each evaluated from
   the first token (`naive_score`), on a sample of the same pairs.
 Tokens evaluated are counted by the backend (`evaluated_tokens`), so the saving is exact.
+The naive way scores fewer pairs (it is ~10x slower); both rates are pairs per second of LLM time.
 
 Two workloads:
 - `sample`: `gecko generate` queries for the 40 bundled SciFact abstracts, relabeled against
@@ -99,7 +100,8 @@ def bench(name: str, generated: Path, corpus: Path, backend, queries: int, naive
         "naive_tokens_per_pair": round(naive_tokens / len(todo), 1),
         "speedup": round(gecko_rate / naive_rate, 2),
         "token_ratio": round((naive_tokens / len(todo)) / (gecko_tokens / pairs), 2),
-        "max_score_difference": worst,  # both ways give the same numbers (bit-identical decoding)
+        # the two ways agree up to llama.cpp's batch-dependent rounding (tests/test_relabel.py)
+        "max_score_difference": round(worst, 4),
         "positive_changed_rate": round(summary.positive_changed_rate, 3),
         "relabel_wall_s": summary.wall_s,
     }
@@ -111,7 +113,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workloads", default="sample,scifact")
     parser.add_argument("--queries", type=int, default=10, help="generated queries per workload")
-    parser.add_argument("--naive-pairs", type=int, default=6)
+    parser.add_argument("--naive-pairs", type=int, default=10)
     parser.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: free cores)")
     args = parser.parse_args()
 

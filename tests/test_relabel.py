@@ -116,13 +116,14 @@ def test_build_example_picks_p1_by_rrf_and_pN_as_negative():
     assert ex2.negative_id == "p0"
 
 
-def test_default_fusion_is_rrf_over_ql_rc_and_the_retriever():
+def test_default_fusion_is_rrf_over_ql_and_the_retriever():
     config = RelabelConfig()
-    assert (config.fusion, parse_weights(config.weights)) == ("weighted", {"ql": 1.0, "rc": 1.0, "retriever": 1.0})
-    rows = _rows(ql=[-5, -1, -2, -3, -4], rc=[0.1, 0.5, 0.9, 0.2, 0.3])
-    # p1: 1/1 + 1/2 + 1/2 = 2.0 beats p2: 1/2 + 1/1 + 1/3 = 1.83 and p0: 1/5 + 1/5 + 1/1 = 1.4
+    assert (config.fusion, parse_weights(config.weights)) == ("weighted", {"ql": 1.0, "retriever": 1.0})
+    rows = _rows(ql=[-5, -1, -2, -3, -4], rc=[0.9, 0.1, 0.5, 0.2, 0.3])
+    # p1: 1/1 + 1/2 = 1.5 beats p0: 1/5 + 1/1 = 1.2 and p2: 1/2 + 1/3 = 0.83; RC is ignored
     ex, _, _ = build_example(RECORD, _entry(rows), PASSAGES, config)
     assert ex.positive_id == "p1" and ex.fusion == "weighted"
+    assert {c.id: c.rc_rank for c in ex.candidates}["p0"] == 1  # RC is still computed and stored
 
 
 def test_fusion_options_and_several_negatives():

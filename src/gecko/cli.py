@@ -51,16 +51,52 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         prompt_style=args.prompt_style,
         batch_size=args.batch_size,
     )
-    llm = load_llm(args.llm)
-    summary = run_generate(args.corpus, args.out, llm, config, limit=args.limit, lenient=args.lenient, progress=not args.summary_json)
+    if args.engine == "ray":  # its errors are LLMErrors, reported by main
+        from gecko.scale import run_generate_ray
+
+        summary = run_generate_ray(args.corpus, args.out, args.llm, config, _ray_config(args), limit=args.limit,
+                                   lenient=args.lenient, progress=not args.summary_json)
+    else:
+        llm = load_llm(args.llm)
+        summary = run_generate(args.corpus, args.out, llm, config, limit=args.limit, lenient=args.lenient, progress=not args.summary_json)
     print(json.dumps(summary.to_dict()) if args.summary_json else summary.render())
     return 0
 
 
+def _ray_config(args: argparse.Namespace):
+    from gecko.scale import RayConfig
+
+    return RayConfig(address=args.ray_address, actors=args.actors)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from gecko.demo import run_demo
+    from gecko.pipeline import ConfigError, PipelineError
 
-    run_demo(out_dir=args.out, passages=args.passages, llm_spec=args.llm)
+    try:
+        run_demo(out_dir=args.out, overrides=args.overrides, progress=not args.no_progress)
+    except (ConfigError, PipelineError) as err:
+        print(f"gecko: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    import yaml
+
+    from gecko.pipeline import ConfigError, PipelineError, load_config, run_pipeline
+
+    try:
+        config = load_config(args.config, args.overrides)
+        if args.show_config:
+            print(yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True), end="")
+            return 0
+        result = run_pipeline(config, progress=not args.no_progress)
+    except (ConfigError, PipelineError, ValueError) as err:  # the stages' input errors are ValueErrors
+        print(f"gecko: error: {err}", file=sys.stderr)
+        return 2
+    print(result.table())
+    print(f"report: {result.report}")
     return 0
 
 
@@ -129,8 +165,14 @@ def _cmd_relabel(args: argparse.Namespace) -> int:
             seed=args.seed, drop_easy_margin=args.drop_easy_margin, query_chunk=args.query_chunk,
             score=_relabel_score_config(args), retrieve=retrieve,
         )
-        llm = load_llm(args.llm)
-        summary = run_relabel(args.generated, args.corpus, args.out, llm, config, limit=args.limit, progress=not args.summary_json)
+        if args.engine == "ray":
+            from gecko.scale import run_relabel_ray
+
+            summary = run_relabel_ray(args.generated, args.corpus, args.out, args.llm, config, _ray_config(args),
+                                      limit=args.limit, progress=not args.summary_json)
+        else:
+            summary = run_relabel(args.generated, args.corpus, args.out, load_llm(args.llm), config, limit=args.limit,
+                                  progress=not args.summary_json)
     except CorpusError:
         raise  # file:line problems: reported by main
     except (ValueError, EvalError) as err:
@@ -200,6 +242,39 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_encode(args: argparse.Namespace) -> int:
+    from gecko.encode import EncodeError, encode_file
+
+    try:
+        summary = encode_file(args.input, args.out, args.model, dims=args.dims, as_=args.as_, task=args.task,
+                              chunk_size=args.chunk_size, lenient=args.lenient, text_field=args.text_field,
+                              id_field=args.id_field, progress=not args.summary_json)
+    except EncodeError as err:
+        print(f"gecko: error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary.to_dict()) if args.summary_json else summary.render())
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from gecko.encode import EncodeError
+    from gecko.serve import ServeConfig, run_server
+
+    config = ServeConfig(
+        model=args.model, host=args.host, port=args.port, corpus=args.corpus,
+        api_key=args.api_key or os.environ.get("GECKO_API_KEY") or None, max_inputs=args.max_inputs,
+        max_chars=args.max_chars, device=args.device, cache_dir=args.cache_dir,
+    )
+    try:
+        run_server(config)
+    except EncodeError as err:
+        print(f"gecko: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gecko", description="Text embeddings distilled from an LLM (the Gecko recipe).")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -228,7 +303,12 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--prefix", required=True)
     score.add_argument("--continuation", required=True)
     score.set_defaults(func=_cmd_llm_score)
-    gen = commands.add_parser("generate", help="FRet step 1: the LLM writes a task and a query per passage")
+    engine = argparse.ArgumentParser(add_help=False)  # where the LLM work runs: generate and relabel
+    engine.add_argument("--engine", choices=["local", "ray"], default="local",
+                        help="ray: LLM batches on Ray actors, output a folder of shards + manifest.json (pip install 'gecko[ray]')")
+    engine.add_argument("--ray-address", default=None, help="with --engine ray: 'auto' or HOST:PORT (default: RAY_ADDRESS or a local Ray)")
+    engine.add_argument("--actors", type=int, default=None, help="with --engine ray: LLM actors (default: one per cluster CPU)")
+    gen = commands.add_parser("generate", parents=[engine], help="FRet step 1: the LLM writes a task and a query per passage")
     gen.add_argument("--corpus", required=True, help="corpus file or folder (see `gecko corpus check`)")
     gen.add_argument("--out", required=True, help="output JSONL; OUT.journal holds progress for resuming")
     gen.add_argument("--limit", type=int, default=None, help="only the first N passages")
@@ -245,11 +325,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--summary-json", action="store_true", help="print the summary as JSON, no progress bar")
     gen.set_defaults(func=_cmd_generate)
 
-    demo = commands.add_parser("demo", help="run the pipeline on the bundled sample with the packaged models")
-    demo.add_argument("--passages", type=int, default=10)
-    demo.add_argument("--out", default="runs/demo", help="output folder")
-    demo.add_argument("--llm", default=DEFAULT)
+    demo = commands.add_parser("demo", help="the whole recipe on the bundled SciFact sample with the packaged models (minutes)")
+    demo.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override the bundled config, e.g. relabel.top_n=5")
+    demo.add_argument("--out", default=None, help="run folder (default: runs/demo)")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars or stage lines")
     demo.set_defaults(func=_cmd_demo)
+
+    run = commands.add_parser("run", help="generate -> relabel -> train -> eval from one YAML config; reruns skip finished stages")
+    run.add_argument("config", help="YAML config (see configs/scifact.yaml)")
+    run.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                     help="dotted keys, values read as YAML, e.g. relabel.top_n=10 train.epochs=2 eval.dims=[384,64]")
+    run.add_argument("--show-config", action="store_true", help="print the config with every default filled in, and exit")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars or stage lines")
+    run.set_defaults(func=_cmd_run)
 
     ev = commands.add_parser("eval", help="MTEB-style scores at each Matryoshka dim, with a report")
     ev.add_argument("--model", default=DEFAULT, help="embedder folder (sentence-transformers), or default = packaged all-MiniLM-L6-v2")
@@ -282,15 +370,15 @@ def build_parser() -> argparse.ArgumentParser:
     pair.add_argument("--device", default=None, help="torch device for the embedder")
     pair.add_argument("--summary-json", action="store_true", help="print the summary as JSON, no progress bar")
 
-    rl = commands.add_parser("relabel", parents=[pair],
+    rl = commands.add_parser("relabel", parents=[pair, engine],
                              help="FRet step 2: retrieve top-N, re-rank with the LLM (QL + RC), pick positive and hard negative")
     rl.add_argument("--generated", required=True, help="generated.jsonl from `gecko generate`")
     rl.add_argument("--corpus", required=True, help="the corpus the queries were generated from (and are retrieved in)")
     rl.add_argument("--out", required=True, help="output .jsonl or .parquet; OUT.journal holds progress for resuming")
     rl.add_argument("--fusion", choices=["rrf", "ql", "rc", "weighted"], default=None,
                     help="rrf: 1/rank_QL + 1/rank_RC (the paper); ql / rc alone; weighted: sum of weight/rank "
-                    "(default: weighted with ql=1,rc=1,retriever=1, chosen by rerank-eval for the packaged model, see README)")
-    rl.add_argument("--weights", default=None, help="for --fusion weighted (default ql=1,rc=1,retriever=1), e.g. ql=1,retriever=1")
+                    "(default: weighted with ql=1,retriever=1, chosen by rerank-eval for the packaged model, see README)")
+    rl.add_argument("--weights", default=None, help="for --fusion weighted (default ql=1,retriever=1), e.g. ql=1,rc=1,retriever=1")
     rl.add_argument("--negative", choices=["last", "random"], default="last", help="hard negative: rank N, or a random one of ranks 2..N")
     rl.add_argument("--negatives", type=int, default=1, help="hard negatives per example")
     rl.add_argument("--seed", type=int, default=0, help="for --negative random")
@@ -350,6 +438,33 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--keep-checkpoints", action="store_true", help="keep OUT/.train (checkpoints) after finishing")
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
     tr.set_defaults(func=_cmd_train)
+
+    enc = commands.add_parser("encode", help="embed a file of texts into .npy (+ ids) or Parquet, streaming")
+    enc.add_argument("--model", default=DEFAULT, help="sentence-transformers folder (e.g. from gecko train) or default (packaged MiniLM)")
+    enc.add_argument("--input", required=True, help=".txt (one text per line), JSONL(.gz), Parquet, CSV/TSV, BEIR or .txt/.md folder")
+    enc.add_argument("--out", required=True, help="OUT.npy (ids in OUT.ids.json) or OUT.parquet (columns id, embedding)")
+    enc.add_argument("--dims", type=int, default=None, help="Matryoshka: keep the first N dims, re-normalised (default: all)")
+    enc.add_argument("--as", dest="as_", choices=["query", "document"], default=None,
+                     help="use the model's saved query / document prompt (default: texts as given)")
+    enc.add_argument("--task", default=None, help="embed as queries with the prompt 'task: TEXT | query: '")
+    enc.add_argument("--chunk-size", type=int, default=8192, help="texts read, sorted by length and written at a time (bounds memory)")
+    enc.add_argument("--text-field", default=None, help="text column / JSON field (default: text)")
+    enc.add_argument("--id-field", default=None, help="id column / JSON field (default: _id or id)")
+    enc.add_argument("--lenient", action="store_true", help="skip and count bad records instead of failing")
+    enc.add_argument("--summary-json", action="store_true", help="print the summary as JSON, no progress bar")
+    enc.set_defaults(func=_cmd_encode)
+
+    sv = commands.add_parser("serve", help="OpenAI-compatible /v1/embeddings and /v1/search over HTTP")
+    sv.add_argument("--model", default=DEFAULT, help="sentence-transformers folder or default (packaged MiniLM)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--corpus", default=None, help="corpus indexed at start for POST /v1/search")
+    sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (prefer env GECKO_API_KEY: flags show in ps)")
+    sv.add_argument("--max-inputs", type=int, default=256, help="inputs per request (413 above)")
+    sv.add_argument("--max-chars", type=int, default=16384, help="characters per input (422 above)")
+    sv.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    sv.add_argument("--cache-dir", default=None, help="corpus embedding cache (default: $GECKO_HOME/embeddings)")
+    sv.set_defaults(func=_cmd_serve)
     return parser
 
 
@@ -357,7 +472,10 @@ def main(argv: list[str] | None = None) -> int:
     from gecko.corpus import CorpusError
     from gecko.llm import LLMError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "engine", "ray") == "local" and (args.ray_address or args.actors):
+        parser.error("--ray-address and --actors need --engine ray")
     try:
         return args.func(args)
     except (CorpusError, LLMError, FileNotFoundError) as err:

@@ -16,7 +16,7 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 from tqdm import tqdm
 
@@ -188,8 +188,11 @@ def _plan_slots(passage: Passage, config: GenerateConfig) -> list[_Slot]:
     return slots
 
 
-def _generate_batch(passages: list[Passage], llm: LLM, config: GenerateConfig) -> dict[str, dict]:
-    """Run every slot of these passages through attempts; returns a journal entry per passage."""
+def generate_batch(passages: list[Passage], llm: LLM, config: GenerateConfig) -> dict[str, dict]:
+    """Run every slot of these passages through attempts; returns a journal entry per passage.
+
+    Engines call this per batch (`generate_locally` here, `gecko.scale` in Ray actors), so the
+    output does not depend on where a batch ran."""
     prompt_id, render = GENERATE_PROMPTS[config.prompt_style]
     examples = few_shot_queries()
     entries = {p.id: {"records": [], "rejected": Counter()} for p in passages}
@@ -237,6 +240,12 @@ def _generate_batch(passages: list[Passage], llm: LLM, config: GenerateConfig) -
     return entries
 
 
+def generate_locally(passages: list[Passage], llm: LLM, config: GenerateConfig) -> Iterator[dict[str, dict]]:
+    """The local engine: `generate_batch` over consecutive batches of `config.batch_size` passages."""
+    for start in range(0, len(passages), config.batch_size):
+        yield generate_batch(passages[start : start + config.batch_size], llm, config)
+
+
 def run_generate(
     corpus: str | Path,
     out: str | Path,
@@ -245,8 +254,14 @@ def run_generate(
     limit: int | None = None,
     lenient: bool = False,
     progress: bool = True,
+    *,
+    engine: Callable[[list[Passage], LLM, GenerateConfig], Iterable[dict[str, dict]]] = generate_locally,
+    write: Callable[[Path, list[dict]], object] = write_jsonl_atomic,
 ) -> GenerateSummary:
-    """Generate queries for a corpus into `out` (JSONL); resumable via `out`.journal."""
+    """Generate queries for a corpus into `out` (JSONL); resumable via `out`.journal.
+
+    `engine` yields journal entries batch by batch (`gecko.scale` runs the batches on Ray);
+    `write` writes the final records (`gecko.scale` writes shards and a manifest)."""
     started = time.perf_counter()
     out = Path(out)
     passages, _ = load_corpus(corpus, lenient=lenient)  # validates everything before any write
@@ -258,11 +273,10 @@ def run_generate(
     todo = [p for p in passages if p.id not in journal]
     bar = tqdm(total=len(passages), initial=len(passages) - len(todo), unit="passage", disable=not progress)
     try:
-        for start in range(0, len(todo), config.batch_size):
-            batch = todo[start : start + config.batch_size]
-            for pid, entry in _generate_batch(batch, llm, config).items():
+        for entries in engine(todo, llm, config):
+            for pid, entry in entries.items():
                 journal.add(pid, entry)
-            bar.update(len(batch))
+            bar.update(len(entries))
     finally:
         bar.close()
         journal.close()
@@ -278,7 +292,7 @@ def run_generate(
         records.extend(entry["records"])
     by_order = {p.id: i for i, p in enumerate(passages)}
     records.sort(key=lambda r: (by_order[r["seed_id"]], r["id"]))
-    write_jsonl_atomic(out, records)
+    write(out, records)
     summary.accepted = len(records)
     summary.task_mix.update(r["task_type"] for r in records)
     summary.mean_query_words = sum(len(words(r["query"])) for r in records) / max(len(records), 1)

@@ -20,6 +20,7 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 from tqdm import tqdm
@@ -43,9 +44,10 @@ class RelabelError(CorpusError):
 class RelabelConfig:
     top_n: int = 20
     # the default for the packaged 270M LLM, chosen by `gecko rerank-eval` on SciFact (README):
-    # RRF over QL, RC *and* the retriever's ranks; the paper's fusion="rrf" (QL + RC) is for larger LLMs
+    # RRF over QL and the retriever's ranks; its RC is no better than chance. The paper's
+    # fusion="rrf" (QL + RC) is for LLMs whose relevance judgements carry signal.
     fusion: str = "weighted"
-    weights: str | None = "ql=1,rc=1,retriever=1"  # for fusion="weighted": weight / rank summed per signal
+    weights: str | None = "ql=1,retriever=1"  # for fusion="weighted": weight / rank summed per signal
     negative: str = "last"
     n_negatives: int = 1
     seed: int = 0  # for negative="random"
@@ -181,14 +183,26 @@ class GeneratedRecord:
     where: str  # file:line, for messages
 
 
+def _generated_files(path: Path) -> list[Path]:
+    """The file itself, or the JSONL shards listed by the manifest of a `--engine ray` output folder."""
+    if path.is_file():
+        return [path]
+    manifest = path / "manifest.json"
+    if not manifest.is_file():
+        raise RelabelError(f"{path}: no such file (nor a folder with manifest.json)")
+    shards = [path / s["path"] for s in json.loads(manifest.read_text())["shards"]]
+    if any(s.suffix != ".jsonl" for s in shards):
+        raise RelabelError(f"{manifest}: relabel reads JSONL shards; write the generate output as NAME.jsonl")
+    return shards
+
+
 def load_generated(path: str | Path) -> list[GeneratedRecord]:
-    """Validated records of a `gecko generate` output; problems raise `RelabelError("file:line: ...")`."""
-    path = Path(path)
-    if not path.is_file():
-        raise RelabelError(f"{path}: no such file")
+    """Validated records of a `gecko generate` output (a file or a sharded folder); problems raise
+    `RelabelError("file:line: ...")`."""
     out: list[GeneratedRecord] = []
     seen: dict[str, str] = {}
-    for where, record in read_jsonl(path, RelabelError):
+    records = (item for file in _generated_files(Path(path)) for item in read_jsonl(file, RelabelError))
+    for where, record in records:
         for name in REQUIRED:
             value = record.get(name)
             if not isinstance(value, str) or not value.strip():
@@ -334,6 +348,27 @@ def _write_parquet_atomic(path: Path, rows: list[dict]) -> None:
     os.replace(tmp, path)
 
 
+def write_rows(out: Path, rows: list[dict]) -> None:
+    """The local engine's output: one .parquet or .jsonl file, by suffix."""
+    if out.suffix == ".parquet":
+        _write_parquet_atomic(out, rows)
+    else:
+        write_jsonl_atomic(out, rows)
+
+
+Group = tuple[Passage, list[str]]  # a passage and every query of the chunk that retrieved it
+GroupScorer = Callable[[PairScorer, list[Group], Counter], Iterable[tuple[int, list[PairScore]]]]
+
+
+def score_groups_locally(scorer: PairScorer, groups: list[Group], times: Counter) -> Iterator[tuple[int, list[PairScore]]]:
+    """The local engine: each group in one LLM call, in order; yields (group index, scores)."""
+    for g, (passage, queries) in enumerate(groups):
+        start = time.perf_counter()
+        scored = scorer.score_passage(passage, queries)
+        times["llm_s"] += time.perf_counter() - start
+        yield g, scored
+
+
 # ---------------------------------------------------------------- the stage
 
 
@@ -347,8 +382,13 @@ def run_relabel(
     limit: int | None = None,
     progress: bool = True,
     corpus_options: dict | None = None,
+    score_groups: GroupScorer = score_groups_locally,
+    write: Callable[[Path, list[dict]], object] = write_rows,
 ) -> RelabelSummary:
-    """Relabel `generated` against `corpus` into `out` (.jsonl or .parquet); resumable via OUT.journal."""
+    """Relabel `generated` against `corpus` into `out` (.jsonl or .parquet); resumable via OUT.journal.
+
+    `score_groups` scores each chunk's (passage, queries) groups (`gecko.scale` sends them to
+    Ray actors); `write` writes the final rows (`gecko.scale` writes shards and a manifest)."""
     started = time.perf_counter()
     times: Counter = Counter()
     out = Path(out)
@@ -382,7 +422,7 @@ def run_relabel(
             retriever.build()
             for lo in range(0, len(todo), config.query_chunk):
                 chunk = todo[lo : lo + config.query_chunk]
-                _relabel_chunk(chunk, retriever, scorer, position, config, journal, key, times, bar)
+                _relabel_chunk(chunk, retriever, scorer, score_groups, position, config, journal, key, times, bar)
     finally:
         bar.close()
         journal.close()
@@ -426,10 +466,7 @@ def run_relabel(
         summary.examples += 1
         summary.positive_changed += example.positive_changed
         rows.append(asdict(example))
-    if out.suffix == ".parquet":
-        _write_parquet_atomic(out, rows)
-    else:
-        write_jsonl_atomic(out, rows)
+    write(out, rows)
     times["write_s"] = time.perf_counter() - start
 
     summary.seed_rank = {b: seed_bins.get(b, 0) for b in SEED_RANK_BINS}
@@ -468,6 +505,7 @@ def _relabel_chunk(
     chunk: list[GeneratedRecord],
     retriever: Retriever,
     scorer: PairScorer,
+    score_groups: GroupScorer,
     position: dict[str, int],
     config: RelabelConfig,
     journal: Journal,
@@ -508,16 +546,12 @@ def _relabel_chunk(
     for q, ids in enumerate(cands):
         if not ids:
             finish(q)
-            continue
-        for i in ids:
-            if i not in groups:
-                continue
-            members = groups.pop(i)
-            start = time.perf_counter()
-            scored = scorer.score_passage(retriever.passages[i], [chunk[m].query for m in members])
-            times["llm_s"] += time.perf_counter() - start
-            for m, s in zip(members, scored):
-                results[m][i] = s
-                remaining[m].discard(i)
-                if not remaining[m]:
-                    finish(m)
+    order = list(groups)  # passages in the order the chunk's queries first retrieved them
+    batch = [(retriever.passages[i], [chunk[m].query for m in groups[i]]) for i in order]
+    for g, scored in score_groups(scorer, batch, times):
+        i = order[g]
+        for m, s in zip(groups[i], scored):
+            results[m][i] = s
+            remaining[m].discard(i)
+            if not remaining[m]:
+                finish(m)

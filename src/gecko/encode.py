@@ -1,0 +1,333 @@
+"""Embed texts with a sentence-transformers model: `Encoder` (shared with `gecko serve`) and `encode_file`.
+
+Speed: a CPU forward pass costs about batch × longest-text tokens, so texts are sorted by their
+exact token count (sentence-transformers sorts by characters) and batched under a token budget
+(`batch_tokens`) rather than a fixed batch size: short texts go in large batches, long ones in
+small batches whose activations stay in cache. `benchmarks/encode.py` measures it against
+`SentenceTransformer.encode` on the same texts.
+
+`encode_file` streams: it reads `chunk_size` texts, embeds them, appends them to the output and
+drops them, so memory does not grow with the input. The output is written beside its final path
+and renamed over it at the end, so a reader never sees half a file and a failed run leaves none.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import struct
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from gecko.corpus import CorpusError, CorpusSummary, Passage, iter_passages
+from gecko.evaluate.encoder import Prompts, truncate
+from gecko.models import DEFAULT, resolve_embedder
+
+QUERY_TASK_PROMPT = "task: {task} | query: "
+GECKO_DOCUMENT_PROMPT = "title: none | text: "  # what `gecko train` saves as the "document" prompt
+AS_CHOICES = ("query", "document")
+OUTPUT_SUFFIXES = (".npy", ".parquet")
+
+
+class EncodeError(ValueError):
+    """A model, input or option that `gecko encode` / `gecko serve` cannot work with."""
+
+
+@dataclass(frozen=True)
+class InputFormat:
+    """How a passage becomes model input: `text(passage)`, to which sentence-transformers prepends `prompt`."""
+
+    prompt: str | None = None
+    gecko_document: bool = False  # title goes into Gecko's `title: {title} | text: {text}`
+
+    def text(self, passage: Passage) -> str:
+        return Prompts(enabled=self.gecko_document).document(passage.title, passage.text)
+
+
+class Encoder:
+    """A sentence-transformers model for inference, batched by exact token count; always L2-normalised output."""
+
+    def __init__(self, model: str = DEFAULT, *, device: str | None = None, batch_tokens: int = 4096, max_batch: int = 128):
+        if batch_tokens < 1 or max_batch < 1:
+            raise EncodeError(f"batch_tokens and max_batch must be positive, got {batch_tokens} and {max_batch}")
+        self.spec = model
+        self.path = resolve_embedder(model)
+        if not Path(self.path).exists():
+            raise EncodeError(f"model {model}: {self.path}: no such file or directory")
+        from sentence_transformers import SentenceTransformer
+
+        try:
+            self.model = SentenceTransformer(str(self.path), device=device)
+        except (OSError, ValueError) as err:
+            raise EncodeError(f"model {model}: cannot load {self.path}: {err}") from None
+        self.model.eval()
+        self.batch_tokens = batch_tokens
+        self.max_batch = max_batch
+        self.prompts = {name: p for name, p in (self.model.prompts or {}).items() if p}  # MiniLM saves empty ones
+        tokenizer = self.model.tokenizer
+        self.max_length = self.model.max_seq_length or tokenizer.model_max_length
+        get = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        self.dim = int(get())
+
+    @property
+    def name(self) -> str:
+        return self.spec if self.spec == DEFAULT else Path(self.path).name
+
+    def input_format(self, as_: str | None = None, task: str | None = None) -> InputFormat:
+        """`--as query|document` picks the model's saved prompt of that name (none when it has none);
+        `--task TEXT` is a query with the Gecko prompt `task: TEXT | query: `; neither embeds texts as given."""
+        if as_ not in (None, *AS_CHOICES):
+            raise EncodeError(f"as {as_!r}: expected one of {', '.join(AS_CHOICES)}")
+        if task is not None:
+            if as_ == "document":
+                raise EncodeError("--task builds a query prompt; it cannot be combined with --as document")
+            if not task.strip():
+                raise EncodeError("--task must not be empty")
+            return InputFormat(QUERY_TASK_PROMPT.format(task=task.strip()))
+        if as_ is None:
+            return InputFormat()
+        prompt = self.prompts.get(as_)
+        if as_ == "document" and prompt == GECKO_DOCUMENT_PROMPT:
+            return InputFormat(gecko_document=True)  # `title: none | text: x` for untitled passages, as the prompt gives
+        return InputFormat(prompt)
+
+    def check_dims(self, dims: int | None) -> None:
+        if dims is not None and not 1 <= dims <= self.dim:
+            raise EncodeError(f"dims {dims}: must be between 1 and the model's dimension {self.dim}")
+
+    def embed(self, texts: list[str], prompt: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Full-dimension embeddings (float32, in input order, normalised) and each text's token count."""
+        import torch
+        from sentence_transformers.util import batch_to_device
+
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        if not texts:
+            return out, np.zeros(0, dtype=np.int64)
+        prefix = prompt or ""
+        encoded = self.model.tokenizer([prefix + t for t in texts], truncation=True, max_length=self.max_length, verbose=False)
+        tokens = np.fromiter((len(ids) for ids in encoded["input_ids"]), dtype=np.int64, count=len(texts))
+        order = np.argsort(-tokens, kind="stable")
+        start = 0
+        with torch.inference_mode():
+            while start < len(order):
+                size = min(self.max_batch, max(1, self.batch_tokens // max(1, int(tokens[order[start]]))))
+                rows = order[start : start + size]
+                features = self.model.preprocess([texts[i] for i in rows], prompt=prompt)
+                emb = self.model(batch_to_device(features, self.model.device))["sentence_embedding"]
+                out[rows] = emb.float().cpu().numpy()
+                start += size
+        return truncate(out, None), tokens
+
+    def encode(self, texts: list[str], prompt: str | None = None, dims: int | None = None) -> np.ndarray:
+        """Embeddings cut to the first `dims` coordinates (Matryoshka) and L2-normalised again."""
+        self.check_dims(dims)
+        emb, _ = self.embed(texts, prompt)
+        return truncate(emb, dims) if dims is not None else emb
+
+
+@dataclass
+class EncodeSummary:
+    input: str
+    out: str
+    ids: str | None  # the .npy output's ids file; Parquet holds the ids itself
+    texts: int = 0
+    dim: int = 0
+    seconds: float = 0.0
+    skipped: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        rate = self.texts / self.seconds if self.seconds else 0.0
+        return {**self.__dict__, "seconds": round(self.seconds, 3), "texts_per_s": round(rate, 1)}
+
+    def render(self) -> str:
+        d = self.to_dict()
+        lines = [f"encoded {d['texts']} texts → {d['out']} (dim {d['dim']}) in {d['seconds']:.1f} s, {d['texts_per_s']} texts/s"]
+        if self.ids:
+            lines.append(f"ids: {self.ids}")
+        lines += [f"skipped {reason}: {n}" for reason, n in sorted(self.skipped.items())]
+        return "\n".join(lines)
+
+
+def encode_file(
+    input,
+    out,
+    encoder: Encoder | str = DEFAULT,
+    *,
+    dims: int | None = None,
+    as_: str | None = None,
+    task: str | None = None,
+    chunk_size: int = 8192,
+    lenient: bool = False,
+    text_field: str | None = None,
+    id_field: str | None = None,
+    progress: bool = True,
+) -> EncodeSummary:
+    """Embed every text of `input` into `out` (.npy plus `*.ids.json`, or .parquet with columns id, embedding).
+
+    `input`: a .txt file (one text per line, id = line number; blank lines skipped) or any corpus
+    `gecko.corpus.iter_passages` reads (JSONL, Parquet, CSV/TSV, BEIR or .txt/.md folder), whose
+    bad records stop the run with `file:line: problem` unless `lenient`.
+    """
+    from tqdm.auto import tqdm
+
+    out, input = Path(out), Path(input)
+    suffix = out.suffix.lower()
+    if suffix not in OUTPUT_SUFFIXES:
+        raise EncodeError(f"{out}: output must end in {' or '.join(OUTPUT_SUFFIXES)}")
+    if chunk_size < 1:
+        raise EncodeError(f"chunk_size must be positive, got {chunk_size}")
+    if not input.exists():  # before the model loads
+        raise CorpusError(f"{input}: no such file or directory")
+    if not isinstance(encoder, Encoder):
+        encoder = Encoder(encoder)
+    encoder.check_dims(dims)
+    fmt = encoder.input_format(as_, task)
+    dim = dims or encoder.dim
+    corpus = CorpusSummary(str(input))
+    passages = _read_texts(input, lenient=lenient, text_field=text_field, id_field=id_field, summary=corpus)
+    writer = _NpyWriter(out, dim) if suffix == ".npy" else _ParquetWriter(out, dim)
+    summary = EncodeSummary(str(input), str(out), str(writer.ids_path) if suffix == ".npy" else None, dim=dim)
+    start = time.perf_counter()
+    with writer, tqdm(desc="encoding", unit="text", disable=not progress) as bar:
+        for chunk in _chunks(passages, chunk_size):
+            emb = encoder.encode([fmt.text(p) for p in chunk], fmt.prompt, dims)
+            writer.write([p.id for p in chunk], emb)
+            summary.texts += len(chunk)
+            bar.update(len(chunk))
+        if not summary.texts:
+            raise EncodeError(f"{input}: no texts to encode")
+    summary.seconds = time.perf_counter() - start
+    summary.skipped = dict(corpus.skipped)
+    return summary
+
+
+# ---------------------------------------------------------------- input
+
+
+def _read_texts(path: Path, *, lenient: bool, text_field, id_field, summary: CorpusSummary) -> Iterator[Passage]:
+    if path.is_file() and path.suffix.lower() == ".txt":
+        return _text_lines(path, lenient, summary)
+    return iter_passages(path, lenient=lenient, text_field=text_field, id_field=id_field, summary=summary)
+
+
+def _text_lines(path: Path, lenient: bool, summary: CorpusSummary) -> Iterator[Passage]:
+    """One text per line of a plain text file; the id is the line number, so ids point back at the source."""
+    with path.open("rb") as handle:
+        for lineno, raw in enumerate(handle, 1):
+            try:
+                text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as err:
+                if not lenient:
+                    raise CorpusError(f"{path}:{lineno}: invalid UTF-8 at byte {err.start + 1} of the line") from None
+                summary.skipped["non-utf8"] += 1
+                continue
+            if not text.strip():
+                summary.skipped["empty"] += 1
+                continue
+            summary.documents += 1
+            summary.passages += 1
+            yield Passage(str(lineno), str(lineno), "", text)
+
+
+def _chunks(items: Iterator[Passage], size: int) -> Iterator[list[Passage]]:
+    chunk: list[Passage] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+# ---------------------------------------------------------------- output
+
+
+@contextlib.contextmanager
+def _replacing(path: Path):
+    """A temp path beside `path`, synced and renamed over it on success, removed on failure."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class _NpyWriter:
+    """A float32 .npy written row chunk by row chunk; the header, of fixed size, gets the row count at the end.
+
+    The ids go to `NAME.ids.json` (a JSON array, row i ↔ id i): ids may hold any character.
+    """
+
+    HEADER = 128  # bytes, a multiple of 64 as the .npy format asks
+
+    def __init__(self, path: Path, dim: int):
+        self.path, self.dim, self.rows = path, dim, 0
+        self.ids_path = path.with_suffix(".ids.json")
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self):
+        self._npy = self._stack.enter_context(open(self._stack.enter_context(_replacing(self.path)), "wb"))
+        self._ids = self._stack.enter_context(open(self._stack.enter_context(_replacing(self.ids_path)), "w", encoding="utf-8"))
+        self._npy.write(self._header())
+        self._ids.write("[")
+        return self
+
+    def _header(self) -> bytes:
+        text = repr({"descr": "<f4", "fortran_order": False, "shape": (self.rows, self.dim)})
+        size = self.HEADER - 10
+        return b"\x93NUMPY\x01\x00" + struct.pack("<H", size) + text.ljust(size - 1).encode("latin1") + b"\n"
+
+    def write(self, ids: list[str], emb: np.ndarray) -> None:
+        self._npy.write(np.ascontiguousarray(emb, dtype="<f4").tobytes())
+        sep = "," if self.rows else ""
+        self._ids.write(sep + ",".join(json.dumps(i, ensure_ascii=False) for i in ids))
+        self.rows += len(ids)
+
+    def __exit__(self, *exc):
+        if exc[0] is None:
+            self._ids.write("]\n")
+            self._npy.seek(0)
+            self._npy.write(self._header())
+            self._npy.seek(0, os.SEEK_END)
+        return self._stack.__exit__(*exc)
+
+
+class _ParquetWriter:
+    """Columns `id` (string) and `embedding` (fixed-size list of float32), one row group per chunk."""
+
+    def __init__(self, path: Path, dim: int):
+        import pyarrow as pa
+
+        self.path, self.dim = path, dim
+        self.schema = pa.schema([("id", pa.string()), ("embedding", pa.list_(pa.float32(), dim))])
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self):
+        import pyarrow.parquet as pq
+
+        self._writer = pq.ParquetWriter(str(self._stack.enter_context(_replacing(self.path))), self.schema)
+        return self
+
+    def write(self, ids: list[str], emb: np.ndarray) -> None:
+        import pyarrow as pa
+
+        values = pa.array(np.ascontiguousarray(emb, dtype=np.float32).ravel(), type=pa.float32())
+        column = pa.FixedSizeListArray.from_arrays(values, self.dim)
+        self._writer.write_table(pa.Table.from_arrays([pa.array(ids, pa.string()), column], schema=self.schema))
+
+    def __exit__(self, *exc):
+        self._writer.close()  # writes the footer; the temp file is dropped anyway when exc is set
+        return self._stack.__exit__(*exc)

@@ -1,0 +1,154 @@
+"""The run report: `RUN_DIR/report.md` with its plots, rebuilt from the stage manifests on every run
+(so a rerun that skips everything still leaves a complete, current report)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from gecko.pipeline.config import PipelineConfig
+
+
+def before_after_rows(results, baseline=None) -> list[dict]:
+    """Main score ×100 of the base model (before) and the trained one (after), per task and dim."""
+    rows = []
+    for t in results.tasks:
+        base = baseline.task(t.task) if baseline is not None else None
+        for dim in results.dims:
+            after = t.main_score(dim)
+            before = base.main_score(dim) if base is not None else None
+            rows.append({
+                "task": t.task, "metric": t.main_metric, "dim": dim,
+                "before": None if before is None else round(100 * before, 2),
+                "after": None if after is None else round(100 * after, 2),
+                "delta": None if before is None or after is None else round(100 * (after - before), 2),
+            })
+    return rows
+
+
+def before_after_table(results, baseline=None) -> str:
+    """A markdown table that also reads well in a terminal."""
+    def fmt(value, sign=False):
+        return "–" if value is None else f"{value:+.2f}" if sign else f"{value:.2f}"
+
+    lines = ["| task | metric | dim | before (base) | after (trained) | Δ |", "|---|---|---:|---:|---:|---:|"]
+    for r in before_after_rows(results, baseline):
+        lines.append(f"| {r['task']} | {r['metric']} | {r['dim']} | {fmt(r['before'])} | {fmt(r['after'])} | {fmt(r['delta'], True)} |")
+    return "\n".join(lines)
+
+
+def max_abs_delta(results, baseline) -> float | None:
+    deltas = [abs(r["delta"]) for r in before_after_rows(results, baseline) if r["delta"] is not None]
+    return max(deltas) if deltas else None
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
+    fig.tight_layout()
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _plot_task_mix(task_mix: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    items = sorted(task_mix.items(), key=lambda kv: kv[1])
+    fig, ax = plt.subplots(figsize=(6, 0.45 * len(items) + 1.2))
+    ax.barh([k.replace("_", " ") for k, _ in items], [v for _, v in items], color="C0")
+    for i, (_, v) in enumerate(items):
+        ax.text(v, i, f" {v}", va="center", fontsize=8)
+    ax.set_xlabel("generated queries")
+    ax.set_title("task-type mix of the generated queries")
+    _save(fig, path)
+
+
+def _plot_relabel(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4), gridspec_kw={"width_ratios": [3, 2]})
+    bins = summary.get("seed_rank", {})
+    left.bar(list(bins), list(bins.values()), color="C1")
+    left.set_xlabel("rank of the seed passage under the base retriever")
+    left.set_ylabel("queries")
+    left.set_title("where the retriever put the seed")
+    changed, examples = summary.get("positive_changed", 0), summary.get("examples", 0)
+    right.bar(["seed kept", "positive changed"], [examples - changed, changed], color=["C2", "C3"])
+    right.set_title(f"positive changed: {changed / max(examples, 1):.0%} (paper: ~15%)")
+    _save(fig, path)
+
+
+def write_report(run_dir: Path, config: PipelineConfig, runs, results, baseline) -> Path:
+    """Write RUN_DIR/report.md (and task_mix.png, relabel.png) atomically; returns its path."""
+    run_dir = Path(run_dir)
+    manifests = {r.name: r.manifest for r in runs}
+    gen, rel, tr, ev = (manifests[n] for n in ("generate", "relabel", "train", "eval"))
+    lines = [f"# gecko run: `{run_dir}`", ""]
+    lines.append(f"Config: `{config.source or 'given in Python'}` (as run, every default filled in: `config.yaml`). "
+                 "Each stage's manifest (`<stage>/manifest.json`) holds its config, input and output hashes, counts and timings.")
+    lines += ["", "| stage | this run | finished | wall time (its last run) | counts |", "|---|---|---|---:|---|"]
+    for r in runs:
+        counts = ", ".join(f"{k} {v}" for k, v in r.manifest.get("counts", {}).items())
+        lines.append(f"| {r.name} | {r.status} | {r.manifest.get('finished', '')} | {r.manifest.get('wall_s', 0):.0f} s | {counts} |")
+
+    g = gen["summary"]
+    rate = g["passages_with_query"] / max(g["passages"], 1)
+    lines += ["", "## 1 generate (the LLM writes a task and a query per passage)", "",
+              f"- passages: {g['passages']}, {g['passages_with_query']} with an accepted query ({rate:.0%}); "
+              f"queries: {g['accepted']}, mean {g['mean_query_words']:.1f} words",
+              "- rejected answers (retried with another seed): "
+              + (", ".join(f"{k} {v}" for k, v in sorted(g["rejected"].items(), key=lambda kv: -kv[1])) or "none"),
+              f"- LLM calls: {g['llm_calls']} (+{g['llm_cache_hits']} from the cache), tokens in {g['tokens_in']}, out {g['tokens_out']}"]
+    if g["task_mix"]:
+        _plot_task_mix(g["task_mix"], run_dir / "task_mix.png")
+        lines += ["", "![task-type mix](task_mix.png)"]
+
+    s = rel["summary"]
+    lines += ["", "## 2 relabel (retrieve top-N, the LLM re-ranks: positive and hard negative)", "",
+              f"- queries: {s['queries']}, training examples: {s['examples']}"
+              + (f", skipped: {s['skipped']}" if s["skipped"] else ""),
+              f"- **positive changed** (the LLM's top passage is not the seed): {s['positive_changed']} of {s['examples']} "
+              f"({s['positive_changed_rate']:.1%}; the paper saw ~15%)",
+              "- seed rank under the base retriever: " + ", ".join(f"{k}: {v}" for k, v in s["seed_rank"].items()),
+              f"- fusion: {s['config'].get('fusion')}, top_n {s['config'].get('top_n')}; LLM pairs scored: {s['pairs_scored']}, "
+              f"calls {s['llm_calls']} (+{s['llm_cache_hits']} from the cache)"]
+    if s.get("spearman_ql_rc") is not None:
+        lines.append(f"- mean per-query Spearman(QL, RC): {s['spearman_ql_rc']:+.3f}")
+    _plot_relabel(s, run_dir / "relabel.png")
+    lines += ["", "![relabel](relabel.png)"]
+
+    t = tr["summary"]
+    lines += ["", "## 3 train (in-batch + hard + same-tower negatives, Matryoshka)", ""]
+    for st in t["stages"]:
+        lines.append(f"- {st['name']}: {st['steps']} steps, mixture {st['mixture']}, {st['examples_per_s']} examples/s"
+                     + (f", resumed from step {st['resumed_from']}" if st.get("resumed_from") else ""))
+    loss = " → ".join(f"{v:.3f}" for v in (t["first_loss"], t["last_loss"]) if v is not None) or "not logged"
+    lines += [f"- loss: {loss} (first and last logged step)",
+              f"- model: `train/model` (model card `train/model/README.md`)", "", "![loss](train/model/loss.png)"]
+
+    lines += ["", "## 4 eval: the base model (before) vs the trained one (after), at every Matryoshka dim", "",
+              "Main score ×100; Δ = after − before, points.", "", before_after_table(results, baseline), ""]
+    for task in results.tasks:
+        sizes = ", ".join(f"{k} {v}" for k, v in task.sizes.items())
+        lines.append(f"- {task.task}: {task.type}, split {task.split}, {sizes}; scored by {results.backend}, "
+                     f"prompts {'on' if results.prompts else 'off'}")
+    lines += ["", "![score vs dim](eval/trained/score_vs_dim.png)", "",
+              "Full tables: `eval/trained/results.md` (with the Δ column), `eval/base/results.md`; "
+              "raw scores in `results.json` beside them."]
+    path = run_dir / "report.md"
+    write_text_atomic(path, "\n".join(lines) + "\n")
+    return path
