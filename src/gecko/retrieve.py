@@ -19,7 +19,6 @@ So a 1M-passage corpus needs about 1.7 GB for retrieval with `flat`, about 0.3 G
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -27,6 +26,7 @@ from typing import Sequence
 import numpy as np
 
 from gecko.corpus import Passage
+from gecko.llm.llamacpp import free_cores
 from gecko.models import DEFAULT
 
 INDEX_KINDS = ("flat", "ivf", "ivfpq")
@@ -34,12 +34,6 @@ INDEX_KINDS = ("flat", "ivf", "ivfpq")
 
 class RetrieveError(ValueError):
     """Bad retrieval settings (index kind, format string)."""
-
-
-def free_cores() -> int:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    busy = int(os.getloadavg()[0] + 0.5) if hasattr(os, "getloadavg") else 0
-    return max(1, cores - busy)
 
 
 @dataclass(frozen=True)

@@ -156,6 +156,15 @@ def bucketed_embed(model: nn.Module, features_list: list[dict[str, Any]], *, chu
     return list(out.reshape(columns, rows, -1).unbind(0))
 
 
+def _directions(temperature: float, same_tower: bool, hard_negatives: str) -> tuple[str, ...]:
+    """Validate the shared settings; MNRL's directions: query-to-query adds the same-tower negatives."""
+    if not temperature > 0:
+        raise ValueError("temperature must be positive")
+    if hard_negatives not in HARD_NEGATIVE_MODES:
+        raise ValueError(f"hard_negatives must be one of {HARD_NEGATIVE_MODES}, got {hard_negatives!r}")
+    return ("query_to_doc", "query_to_query") if same_tower else ("query_to_doc",)
+
+
 class GeckoLoss(MultipleNegativesRankingLoss):
     """Softmax cross-entropy over in-batch positives, own hard negatives and same-tower negatives.
 
@@ -183,11 +192,7 @@ class GeckoLoss(MultipleNegativesRankingLoss):
         bucketed: bool = True,
         chunk_rows: int | None = None,
     ) -> None:
-        if not temperature > 0:
-            raise ValueError("temperature must be positive")
-        if hard_negatives not in HARD_NEGATIVE_MODES:
-            raise ValueError(f"hard_negatives must be one of {HARD_NEGATIVE_MODES}, got {hard_negatives!r}")
-        directions = ("query_to_doc", "query_to_query") if same_tower else ("query_to_doc",)
+        directions = _directions(temperature, same_tower, hard_negatives)
         super().__init__(model, scale=1.0 / temperature, gather_across_devices=gather_across_devices,
                          directions=directions, partition_mode="joint")
         self.same_tower = same_tower
@@ -265,9 +270,7 @@ class GeckoCachedLoss(CachedMultipleNegativesRankingLoss):
         gather_across_devices: bool = False,
         mini_batch_size: int = 32,
     ) -> None:
-        if hard_negatives not in HARD_NEGATIVE_MODES:
-            raise ValueError(f"hard_negatives must be one of {HARD_NEGATIVE_MODES}, got {hard_negatives!r}")
-        directions = ("query_to_doc", "query_to_query") if same_tower else ("query_to_doc",)
+        directions = _directions(temperature, same_tower, hard_negatives)
         super().__init__(model, scale=1.0 / temperature, mini_batch_size=mini_batch_size,
                          gather_across_devices=gather_across_devices, directions=directions, partition_mode="joint")
         object.__setattr__(self, "same_tower", same_tower)
