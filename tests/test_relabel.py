@@ -126,6 +126,18 @@ def test_default_fusion_is_rrf_over_ql_and_the_retriever():
     assert {c.id: c.rc_rank for c in ex.candidates}["p0"] == 1  # RC is still computed and stored
 
 
+def test_seed_positive_ablation_keeps_the_seed_even_when_not_retrieved():
+    rows = _rows(ql=[-9, -3, -5, -7, -8], rc=[0.1, 0.9, 0.5, 0.2, 0.3])  # the LLM prefers p1 over the seed p0
+    ex, _, _ = build_example(RECORD, _entry(rows), PASSAGES, RelabelConfig(fusion="rrf", positive="seed"))
+    assert (ex.positive_id, ex.positive_changed, ex.positive_retriever_rank) == ("p0", False, 1)
+    assert ex.negative_id not in ("p0", "p1")  # neither the seed nor the LLM's top pick is a negative
+    unretrieved = GeneratedRecord("g2", "p4", "fact_checking", TASK, "a claim", "gen.jsonl:2")
+    ex, _, _ = build_example(unretrieved, _entry(rows[:4], seed_rank=None), PASSAGES, RelabelConfig(positive="seed"))
+    assert (ex.positive_id, ex.positive, ex.positive_retriever_rank) == ("p4", "text of passage 4", None)
+    with pytest.raises(ValueError, match="unknown positive"):
+        RelabelConfig(positive="best")
+
+
 def test_fusion_options_and_several_negatives():
     rows = _rows(ql=[-1, -2, -3, -4, -5], rc=[0.0, 0.1, 0.2, 0.3, 0.4])  # QL and RC disagree fully
     ql, _, _ = build_example(RECORD, _entry(rows), PASSAGES, RelabelConfig(fusion="ql"))

@@ -161,7 +161,7 @@ def _cmd_relabel(args: argparse.Namespace) -> int:
         if args.weights:
             fusion["weights"] = args.weights
         config = RelabelConfig(
-            **fusion, top_n=args.top_n, negative=args.negative, n_negatives=args.negatives,
+            **fusion, top_n=args.top_n, positive=args.positive, negative=args.negative, n_negatives=args.negatives,
             seed=args.seed, drop_easy_margin=args.drop_easy_margin, query_chunk=args.query_chunk,
             score=_relabel_score_config(args), retrieve=retrieve,
         )
@@ -379,6 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="rrf: 1/rank_QL + 1/rank_RC (the paper); ql / rc alone; weighted: sum of weight/rank "
                     "(default: weighted with ql=1,retriever=1, chosen by rerank-eval for the packaged model, see README)")
     rl.add_argument("--weights", default=None, help="for --fusion weighted (default ql=1,retriever=1), e.g. ql=1,rc=1,retriever=1")
+    rl.add_argument("--positive", choices=["fused", "seed"], default="fused",
+                    help="fused: the top re-ranked candidate (the recipe); seed: the seed passage (ablation)")
     rl.add_argument("--negative", choices=["last", "random"], default="last", help="hard negative: rank N, or a random one of ranks 2..N")
     rl.add_argument("--negatives", type=int, default=1, help="hard negatives per example")
     rl.add_argument("--seed", type=int, default=0, help="for --negative random")

@@ -34,6 +34,7 @@ from gecko.retrieve import RetrieveConfig, Retriever
 
 REQUIRED = ("id", "seed_id", "task", "query")
 SEED_RANK_BINS = ("1", "2-5", "6-10", "11-N", ">N")
+POSITIVE_METHODS = ("fused", "seed")
 
 
 class RelabelError(CorpusError):
@@ -48,6 +49,7 @@ class RelabelConfig:
     # fusion="rrf" (QL + RC) is for LLMs whose relevance judgements carry signal.
     fusion: str = "weighted"
     weights: str | None = "ql=1,retriever=1"  # for fusion="weighted": weight / rank summed per signal
+    positive: str = "fused"  # fused: the top fused candidate (the recipe); seed: the seed passage (the paper's ablation)
     negative: str = "last"
     n_negatives: int = 1
     seed: int = 0  # for negative="random"
@@ -65,6 +67,8 @@ class RelabelConfig:
             raise ValueError("top_n must be at least 2 (a positive and a negative)")
         if self.fusion not in FUSIONS:
             raise ValueError(f"unknown fusion {self.fusion!r}; known: {', '.join(FUSIONS)}")
+        if self.positive not in POSITIVE_METHODS:
+            raise ValueError(f"unknown positive {self.positive!r}; known: {', '.join(POSITIVE_METHODS)}")
         if self.negative not in NEGATIVE_METHODS:
             raise ValueError(f"unknown negative method {self.negative!r}; known: {', '.join(NEGATIVE_METHODS)}")
         if self.n_negatives < 1:
@@ -110,7 +114,7 @@ class RelabelExample:
     negative_title: str | list[str]
     negative_ids: list[str]
     positive_changed: bool
-    positive_retriever_rank: int
+    positive_retriever_rank: int | None  # None: the seed passage (positive="seed") was not retrieved
     seed_rank: int | None  # the seed passage's rank under the base retriever; None: not in the top-N
     seed_score: float
     seed_margin: float  # seed score minus the best other candidate's (> 0: the retriever ranks the seed first)
@@ -285,8 +289,13 @@ def build_example(
     fused = fuse(signals, config.fusion, config.weights)
     order_rank = ranks(fused, tiebreak=signals["retriever"])
     order = sorted(range(len(rows)), key=lambda i: order_rank[i])
-    positive = order[0]
-    pos_text = _norm_text(passages[ids[positive]].text)
+    if config.positive == "seed":  # the seed passage, whether or not it was retrieved
+        positive = ids.index(record.seed_id) if record.seed_id in ids else None
+        pos_p = passages[record.seed_id]
+    else:
+        positive = order[0]
+        pos_p = passages[ids[positive]]
+    pos_text = _norm_text(pos_p.text)
     exclude = {i for i in range(len(rows)) if _norm_text(passages[ids[i]].text) == pos_text}  # duplicates of p+
     if config.seed_not_negative:
         exclude |= {i for i in range(len(rows)) if ids[i] == record.seed_id}
@@ -308,7 +317,7 @@ def build_example(
         )
         for i in range(len(rows))
     ]
-    pos_p, neg_ps = passages[ids[positive]], [passages[ids[i]] for i in negatives]
+    neg_ps = [passages[ids[i]] for i in negatives]
     several = config.n_negatives > 1
     example = RelabelExample(
         id=record.id,
@@ -324,7 +333,7 @@ def build_example(
         negative_title=[p.title for p in neg_ps] if several else neg_ps[0].title,
         negative_ids=[ids[i] for i in negatives],
         positive_changed=pos_p.id != record.seed_id,
-        positive_retriever_rank=positive + 1,
+        positive_retriever_rank=None if positive is None else positive + 1,
         seed_rank=entry["seed_rank"],
         seed_score=round(entry["seed_score"], 6),
         seed_margin=round(entry["seed_margin"], 6),
@@ -453,11 +462,11 @@ def run_relabel(
                 ql_all.append(c.ql)
             if c.rc is not None:
                 rc_all.append(c.rc)
-        pos, neg = by_id[example.positive_id], by_id[example.negative_id]
-        if pos.ql is not None:
+        pos, neg = by_id.get(example.positive_id), by_id[example.negative_id]  # no pos: an unretrieved seed
+        if pos is not None and pos.ql is not None:
             ql_pos.append(pos.ql)
             ql_neg.append(neg.ql)
-        if pos.rc is not None:
+        if pos is not None and pos.rc is not None:
             rc_pos.append(pos.rc)
             rc_neg.append(neg.rc)
         if config.drop_easy_margin is not None and is_easy(example, config.drop_easy_margin):
