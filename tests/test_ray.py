@@ -1,0 +1,176 @@
+"""`--engine ray` on a local 2-CPU Ray cluster with the real packaged LLM: the same records as the
+local engine (generate and relabel), shards whose manifest matches them, the actors' LLM calls
+merged into the driver's cache, and actor processes killed with SIGKILL mid-run whose batches
+are retried with nothing lost or duplicated."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import signal
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+ray = pytest.importorskip("ray")
+import psutil  # noqa: E402  (a dependency of ray)
+import torch  # noqa: E402
+
+from gecko.generate import GenerateConfig, run_generate  # noqa: E402
+from gecko.llm import load_llm  # noqa: E402
+from gecko.relabel import RelabelConfig, load_generated, run_relabel  # noqa: E402
+from gecko.retrieve import RetrieveConfig  # noqa: E402
+from gecko.scale import RayConfig, ScaleError, run_generate_ray, run_relabel_ray  # noqa: E402
+from test_relabel import FAST, make_slice  # noqa: E402
+
+torch.set_num_threads(1)
+GENERATE = GenerateConfig(batch_size=2)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # inherited by the workers
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def local_generate(shared_data, tmp_path_factory):
+    """6 SciFact passages through the local engine: (corpus, output, summary, cache file)."""
+    root = tmp_path_factory.mktemp("local-generate")
+    corpus = root / "corpus.jsonl"
+    with gzip.open(shared_data / "scifact" / "corpus.jsonl.gz", "rt") as src, corpus.open("w") as dst:
+        for _, line in zip(range(6), src):
+            dst.write(line)
+    llm = load_llm("default", cache=root / "cache.sqlite", n_threads=1)
+    summary = run_generate(corpus, root / "generated.jsonl", llm, GENERATE, progress=False)
+    llm.cache.close()
+    return corpus, root / "generated.jsonl", summary, root / "cache.sqlite"
+
+
+def _cache_rows(path: Path) -> dict[str, str]:
+    with sqlite3.connect(path) as db:
+        return dict(db.execute("SELECT key, value FROM calls"))
+
+
+def _shards(folder: Path) -> tuple[dict, bytes]:
+    """The manifest, after checking it against the files, and the shards' bytes in order."""
+    import hashlib
+
+    manifest = json.loads((folder / "manifest.json").read_text())
+    data = b""
+    for shard in manifest["shards"]:
+        raw = (folder / shard["path"]).read_bytes()
+        assert hashlib.sha256(raw).hexdigest() == shard["sha256"]
+        assert raw.count(b"\n") == shard["records"]
+        data += raw
+    assert sum(s["records"] for s in manifest["shards"]) == manifest["records"]
+    assert sorted(p.name for p in folder.iterdir()) == sorted(["manifest.json", *(s["path"] for s in manifest["shards"])])
+    return manifest, data
+
+
+def test_output_must_be_a_named_shard_folder(tmp_path):
+    with pytest.raises(ScaleError, match="NAME.jsonl or NAME.parquet"):
+        run_generate_ray(tmp_path / "corpus.jsonl", tmp_path / "generated", progress=False)
+
+
+def _map_workers(name: str) -> list[psutil.Process]:
+    """Ray Data actor processes of this test's cluster (descendants of this process) running `name`."""
+    found = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if name in " ".join(proc.cmdline()):
+                found.append(proc)
+        except psutil.Error:
+            pass
+    return found
+
+
+def test_generate_on_ray_survives_killed_actors_with_the_local_records(cluster, local_generate, tmp_path):
+    corpus, local_out, local_summary, local_cache = local_generate
+    out = tmp_path / "generated.jsonl"
+    journal = tmp_path / "generated.jsonl.journal"
+    outcome: dict = {}
+
+    def run():
+        try:
+            outcome["summary"] = run_generate_ray(corpus, out, "default", GENERATE, RayConfig(actors=2, shard_size=2),
+                                                  cache=tmp_path / "cache.sqlite", progress=False)
+        except BaseException as err:  # re-raised below
+            outcome["error"] = err
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    # 3 batches of 2 passages on 2 actors: when the first is journaled, the other two are in flight
+    deadline = time.time() + 300
+    while time.time() < deadline and (not journal.exists() or not journal.read_text()) and thread.is_alive():
+        time.sleep(0.05)
+    workers = _map_workers("MapWorker")  # Ray Data's actor processes; the only pool running now
+    assert workers, "no actor process found"
+    done_at_kill = journal.read_text().count("\n")
+    for proc in workers:
+        os.kill(proc.pid, signal.SIGKILL)
+    thread.join(600)
+    if "error" in outcome:
+        raise outcome["error"]
+    assert done_at_kill < 6, "the kill came after the last batch"
+    assert all(not psutil.pid_exists(p.pid) or p.status() == psutil.STATUS_ZOMBIE for p in workers)
+    manifest, data = _shards(out)
+    assert data == local_out.read_bytes()  # the shards, concatenated, are the local file: nothing lost or twice
+    keys = [json.loads(line)["key"] for line in journal.read_text().splitlines()]
+    assert sorted(keys) == sorted(set(keys)) and len(keys) == 6  # each passage journaled exactly once
+    summary = outcome["summary"]
+    assert manifest["records"] == summary.accepted == local_summary.accepted
+    assert [s["records"] for s in manifest["shards"]] == [2] * (summary.accepted // 2) + [1] * (summary.accepted % 2)
+    assert manifest["stage"] == "generate" and manifest["llm"].startswith("llamacpp:") and manifest["duplicate_results_dropped"] == 0
+    assert (summary.passages, summary.passages_with_query, summary.rejected, summary.llm_calls, summary.tokens_out) == (
+        6, local_summary.passages_with_query, local_summary.rejected, local_summary.llm_calls, local_summary.tokens_out)
+    # every call is in the driver's cache, under the local engine's keys (the killed batches' calls came again)
+    assert _cache_rows(tmp_path / "cache.sqlite") == _cache_rows(local_cache)
+    # relabel reads the shard folder like the file
+    fields = lambda records: [(r.id, r.seed_id, r.task_type, r.task, r.query) for r in records]  # noqa: E731
+    assert fields(load_generated(out)) == fields(load_generated(local_out))
+
+
+@pytest.mark.full  # ~55 s
+def test_relabel_on_ray_gives_the_local_records(cluster, shared_data, tmp_path):
+    generated, corpus = make_slice(shared_data, tmp_path / "data")
+    config = RelabelConfig(top_n=4, score=FAST, retrieve=RetrieveConfig(cache_dir=str(tmp_path / "emb")))
+    llm = load_llm("default", cache=tmp_path / "local-cache.sqlite", n_threads=1)
+    local = run_relabel(generated, corpus, tmp_path / "local.jsonl", llm, config, progress=False)
+    out = tmp_path / "relabeled.jsonl"
+    summary = run_relabel_ray(generated, corpus, out, "default", config, RayConfig(actors=2, batch_size=2, shard_size=4),
+                              cache=tmp_path / "cache.sqlite", progress=False)
+    manifest, data = _shards(out)
+    assert data == (tmp_path / "local.jsonl").read_bytes()
+    assert [s["records"] for s in manifest["shards"]] == [4, 2] and manifest["stage"] == "relabel"
+    assert (summary.examples, summary.pairs_scored, summary.llm_calls) == (local.examples, local.pairs_scored, local.llm_calls) == (6, 24, 24)
+    assert _cache_rows(tmp_path / "cache.sqlite") == _cache_rows(tmp_path / "local-cache.sqlite")
+    # a rerun finds every query journaled: no Ray work, same output
+    again = run_relabel_ray(generated, corpus, out, "default", config, RayConfig(actors=2, batch_size=2, shard_size=4),
+                            cache=tmp_path / "cache.sqlite", progress=False)
+    assert again.pairs_scored == 0 and _shards(out)[1] == data
+
+
+def test_several_openai_servers_share_the_batches_under_one_identity(cluster, tmp_path):
+    from fake_openai_server import FakeOpenAIServer
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"_id": f"d{i}", "title": "", "text": f"Protein folding study number {i} in yeast cells."})
+                              + "\n" for i in range(8)))
+    answer = {"choices": [{"index": 0, "text": " How does protein folding change in yeast cells?", "finish_reason": "stop"}]}
+    with FakeOpenAIServer() as one, FakeOpenAIServer() as two:
+        one.responder = two.responder = lambda body: answer
+        out = tmp_path / "generated.jsonl"
+        summary = run_generate_ray(corpus, out, f"openai:{one.url},{two.url}#fake-model", GenerateConfig(batch_size=1),
+                                   RayConfig(actors=2, num_cpus=0.5), cache=tmp_path / "cache.sqlite", progress=False)
+        served = [sum(r["path"] == "/v1/completions" for r in s.requests) for s in (one, two)]
+    manifest, data = _shards(out)
+    identity = f"openai:{one.url},{two.url}#fake-model"
+    assert manifest["llm"] == identity and {json.loads(line)["model"] for line in data.splitlines()} == {identity}
+    assert summary.passages == 8 and min(served) > 0 and sum(served) == summary.llm_calls  # both servers got batches
