@@ -57,6 +57,34 @@ def test_unknown_task_type_is_a_clear_error():
         GenerateConfig(task_types=("poetry",))
 
 
+class ConstantLLM:
+    """Answers every prompt with the same on-topic query: enough to test the journal's bookkeeping."""
+
+    identity = "constant"
+
+    def __init__(self):
+        self.prompts = 0
+
+    def generate(self, prompts, params):
+        self.prompts += len(prompts)
+        return [" does vitamin D supplementation reduce hip fractures?"] * len(prompts)
+
+
+def test_rerun_with_other_settings_redoes_the_journaled_passages(tmp_path):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"_id": f"d{i}", "title": PASSAGE.title, "text": PASSAGE.text}) + "\n" for i in range(2)))
+    out, llm = tmp_path / "generated.jsonl", ConstantLLM()
+    run_generate(corpus, out, llm, GenerateConfig(), progress=False)
+    first = llm.prompts
+    assert first >= 2
+    run_generate(corpus, out, llm, GenerateConfig(), progress=False)
+    assert llm.prompts == first  # same settings: everything from the journal
+    summary = run_generate(corpus, out, llm, GenerateConfig(temperature=0.5), progress=False)
+    assert llm.prompts == 2 * first and summary.passages == 2  # other settings: redone, not reused
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["seed_id"] for r in records) == ["d0", "d1"] and {r["temperature"] for r in records} == {0.5}
+
+
 def _slice(shared_data, tmp_path, n):
     import gzip
 

@@ -10,6 +10,7 @@ kill -9 and a rerun of the same command lose and repeat nothing.
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import re
 import time
@@ -240,6 +241,13 @@ def generate_batch(passages: list[Passage], llm: LLM, config: GenerateConfig) ->
     return entries
 
 
+def config_key(config: GenerateConfig, llm: LLM) -> str:
+    """What a passage's journaled queries depend on: every setting (batches included: llama.cpp's
+    sampled tokens depend slightly on a batch's other prompts) and the LLM."""
+    parts = {"config": asdict(config), "llm": getattr(llm, "identity", "?")}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=list).encode()).hexdigest()[:16]
+
+
 def generate_locally(passages: list[Passage], llm: LLM, config: GenerateConfig) -> Iterator[dict[str, dict]]:
     """The local engine: `generate_batch` over consecutive batches of `config.batch_size` passages."""
     for start in range(0, len(passages), config.batch_size):
@@ -268,14 +276,16 @@ def run_generate(
     if limit is not None:
         passages = passages[:limit]
     journal = Journal(out.with_name(out.name + ".journal"))
+    key = config_key(config, llm)  # entries of a run with other settings are redone, not reused
     counters = ("backend_calls", "cache_hits", "tokens_in", "tokens_out")
     before = {name: getattr(llm, name, 0) for name in counters}
-    todo = [p for p in passages if p.id not in journal]
+    done = {e["key"] for e in journal.entries() if e.get("config_key") == key}
+    todo = [p for p in passages if p.id not in done]
     bar = tqdm(total=len(passages), initial=len(passages) - len(todo), unit="passage", disable=not progress)
     try:
         for entries in engine(todo, llm, config):
             for pid, entry in entries.items():
-                journal.add(pid, entry)
+                journal.add(pid, {**entry, "config_key": key})
             bar.update(len(entries))
     finally:
         bar.close()
@@ -285,7 +295,7 @@ def run_generate(
     summary = GenerateSummary(passages=len(passages))
     records = []
     for entry in journal.entries():
-        if entry["key"] not in wanted:
+        if entry["key"] not in wanted or entry.get("config_key") != key:
             continue
         summary.rejected.update(entry["rejected"])
         summary.passages_with_query += bool(entry["records"])
