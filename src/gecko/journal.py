@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -77,9 +78,32 @@ def write_jsonl_atomic(path: str | Path, records: Iterable[dict]) -> int:
     return count
 
 
-def write_json_atomic(path: str | Path, value: object) -> None:
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write `text` to a unique temp file beside `path`, then rename over it (removed on failure)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json_atomic(path: str | Path, value: object) -> None:
+    write_text_atomic(path, json.dumps(value, indent=2, ensure_ascii=False) + "\n")
+
+
+def save_figure_atomic(fig, path: str | Path, dpi: float | None = None) -> Path:
+    """Save a matplotlib figure beside `path`, rename it over `path`, and close the figure."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
+    fig.savefig(tmp, **({} if dpi is None else {"dpi": dpi}))
+    plt.close(fig)
     os.replace(tmp, path)
+    return path

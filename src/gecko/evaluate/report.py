@@ -11,12 +11,11 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from gecko.evaluate.core import Results, TaskScores
 from gecko.evaluate.tasks import EvalError
+from gecko.journal import save_figure_atomic, write_text_atomic
 
 
 def load_results(path) -> Results:
@@ -124,25 +123,7 @@ def plot(results: Results, path, baseline: Results | None = None) -> Path:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
-
-
-def _atomic_write(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return save_figure_atomic(fig, path, dpi=120)
 
 
 def mteb_task_result(results: Results, t: TaskScores, dim: int) -> dict:
@@ -172,12 +153,12 @@ def write_report(results: Results, out_dir, baseline: Results | None = None) -> 
             "prompts": baseline.prompts,
             "main_score": {t.task: {str(d): t.main_score(d) for d in baseline.dims} for t in baseline.tasks},
         }
-    paths = {"json": _atomic_write(out / "results.json", json.dumps(data, indent=2, ensure_ascii=False) + "\n")}
+    paths = {"json": write_text_atomic(out / "results.json", json.dumps(data, indent=2, ensure_ascii=False) + "\n")}
     for t in results.tasks:
         for dim in t.scores:
             name = (t.mteb_task or f"gecko-{t.task}") + ".json"
-            _atomic_write(out / "mteb" / f"dim{dim}" / name, json.dumps(mteb_task_result(results, t, dim), indent=2) + "\n")
+            write_text_atomic(out / "mteb" / f"dim{dim}" / name, json.dumps(mteb_task_result(results, t, dim), indent=2) + "\n")
     paths["mteb"] = out / "mteb"
-    paths["markdown"] = _atomic_write(out / "results.md", markdown_table(results, baseline))
+    paths["markdown"] = write_text_atomic(out / "results.md", markdown_table(results, baseline))
     paths["plot"] = plot(results, out / "score_vs_dim.png", baseline)
     return paths

@@ -3,9 +3,9 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+from gecko.journal import save_figure_atomic, write_text_atomic
 from gecko.pipeline.config import PipelineConfig
 
 
@@ -42,22 +42,6 @@ def max_abs_delta(results, baseline) -> float | None:
     return max(deltas) if deltas else None
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _save(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
-    fig.tight_layout()
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
 def _plot_task_mix(task_mix: dict, path: Path) -> None:
     import matplotlib
 
@@ -71,7 +55,8 @@ def _plot_task_mix(task_mix: dict, path: Path) -> None:
         ax.text(v, i, f" {v}", va="center", fontsize=8)
     ax.set_xlabel("generated queries")
     ax.set_title("task-type mix of the generated queries")
-    _save(fig, path)
+    fig.tight_layout()
+    save_figure_atomic(fig, path, dpi=110)
 
 
 def _plot_relabel(summary: dict, path: Path) -> None:
@@ -89,7 +74,8 @@ def _plot_relabel(summary: dict, path: Path) -> None:
     changed, examples = summary.get("positive_changed", 0), summary.get("examples", 0)
     right.bar(["seed kept", "positive changed"], [examples - changed, changed], color=["C2", "C3"])
     right.set_title(f"positive changed: {changed / max(examples, 1):.0%} (paper: ~15%)")
-    _save(fig, path)
+    fig.tight_layout()
+    save_figure_atomic(fig, path, dpi=110)
 
 
 def write_report(run_dir: Path, config: PipelineConfig, runs, results, baseline) -> Path:

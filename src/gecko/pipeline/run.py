@@ -31,10 +31,10 @@ from typing import Callable
 
 import yaml
 
-from gecko.journal import write_json_atomic
+from gecko.journal import write_json_atomic, write_text_atomic
 from gecko.models import DEFAULT
 from gecko.pipeline.config import PipelineConfig, plain_data
-from gecko.pipeline.report import before_after_rows, before_after_table, write_report, write_text_atomic
+from gecko.pipeline.report import before_after_rows, before_after_table, write_report
 
 MANIFEST_FORMAT = "gecko-run-stage/1"
 

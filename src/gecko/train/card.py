@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from gecko.journal import save_figure_atomic, write_text_atomic
 
 
 def plot_loss(stages, path: Path) -> Path:
@@ -25,11 +26,7 @@ def plot_loss(stages, path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure_atomic(fig, path)
 
 
 def _table(header: list[str], rows: list[list]) -> str:
@@ -124,8 +121,4 @@ def model_card(record: dict, eval_md: str | None = None) -> str:
 
 
 def write_model_card(out: Path, record: dict, eval_md: str | None = None) -> Path:
-    path = out / "README.md"
-    tmp = out / f".README.md.{os.getpid()}.tmp"
-    tmp.write_text(model_card(record, eval_md), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(out / "README.md", model_card(record, eval_md))
