@@ -23,6 +23,12 @@ def ranks(scores: Sequence[float], tiebreak: Sequence[int] | None = None) -> lis
     return out
 
 
+def spearman(a: Sequence[int], b: Sequence[int]) -> float:
+    """Spearman correlation of two rankings of the same items (distinct 1-based ranks)."""
+    n = len(a)
+    return 1 - 6 * sum((x - y) ** 2 for x, y in zip(a, b)) / (n * (n * n - 1)) if n > 1 else 0.0
+
+
 def parse_weights(text: str | Mapping[str, float] | None) -> dict[str, float]:
     """`ql=1,rc=0.5,retriever=1` -> {"ql": 1.0, "rc": 0.5, "retriever": 1.0}."""
     if text is None:

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from gecko.corpus import load_beir
 from gecko.evaluate.metrics import ranking_scores
 from gecko.llm.base import LLM
-from gecko.relabel.fusion import fuse, ranks
+from gecko.relabel.fusion import fuse, ranks, spearman
 from gecko.relabel.scoring import PairScore, PairScorer, ScoreConfig
 from gecko.retrieve import RetrieveConfig, Retriever
 
@@ -92,14 +92,6 @@ class RerankEvalResult:
         return "\n".join(lines)
 
 
-def _spearman(a: list[int], b: list[int]) -> float:
-    n = len(a)
-    if n < 2:
-        return 0.0
-    d = sum((x - y) ** 2 for x, y in zip(a, b))
-    return 1 - 6 * d / (n * (n * n - 1))
-
-
 def run_rerank_eval(
     dataset: str | Path,
     llm: LLM,
@@ -147,7 +139,7 @@ def run_rerank_eval(
     times["llm_s"] = time.perf_counter() - start
 
     ranked: dict[str, dict[str, list[str]]] = {name: {} for name in ORDERS}
-    spearman: dict[str, list[float]] = {"QL~RC": [], "QL~retriever": [], "RC~retriever": []}
+    rhos: dict[str, list[float]] = {"QL~RC": [], "QL~retriever": [], "RC~retriever": []}
     for q, row_scores in zip(qids, scores):
         ids = cands[q]
         pairs = [pair_scores[(q, i)] for i in ids]
@@ -167,11 +159,11 @@ def run_rerank_eval(
                 docs[r - 1] = data.corpus[ids[pos]].doc_id
             ranked[name][q] = list(dict.fromkeys(docs))
         if "ql" in signals and "rc" in signals:
-            spearman["QL~RC"].append(_spearman(signals["ql"], signals["rc"]))
+            rhos["QL~RC"].append(spearman(signals["ql"], signals["rc"]))
         if "ql" in signals:
-            spearman["QL~retriever"].append(_spearman(signals["ql"], signals["retriever"]))
+            rhos["QL~retriever"].append(spearman(signals["ql"], signals["retriever"]))
         if "rc" in signals:
-            spearman["RC~retriever"].append(_spearman(signals["rc"], signals["retriever"]))
+            rhos["RC~retriever"].append(spearman(signals["rc"], signals["retriever"]))
     qrels = {q: data.qrels[q] for q in qids}
     ndcg = {name: ranking_scores(r, qrels, (10, top_n))["ndcg_at_10"] for name, r in ranked.items() if r}
     # the positive is the top candidate: how often it is judged relevant
@@ -195,7 +187,7 @@ def run_rerank_eval(
         precision_at_1=p_at_1,
         recall_at_n=base[f"recall_at_{top_n}"],
         oracle_ndcg_at_10=ranking_scores(oracle, qrels, (10,))["ndcg_at_10"],
-        spearman={k: float(np.mean(v)) for k, v in spearman.items() if v},
+        spearman={k: float(np.mean(v)) for k, v in rhos.items() if v},
         top1_changed=top1,
         pairs=len(pair_scores),
         llm_calls=used["backend_calls"] or 0,

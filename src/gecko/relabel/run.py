@@ -28,7 +28,7 @@ from tqdm import tqdm
 from gecko.corpus import CorpusError, Passage, load_corpus, read_jsonl
 from gecko.journal import Journal, write_json_atomic, write_jsonl_atomic
 from gecko.llm.base import LLM
-from gecko.relabel.fusion import FUSIONS, NEGATIVE_METHODS, fuse, parse_weights, ranks, select_negatives
+from gecko.relabel.fusion import FUSIONS, NEGATIVE_METHODS, fuse, parse_weights, ranks, select_negatives, spearman
 from gecko.relabel.scoring import PairScore, PairScorer, ScoreConfig
 from gecko.retrieve import RetrieveConfig, Retriever
 
@@ -254,11 +254,6 @@ def _rank_bin(rank: int | None) -> str:
     return "1" if rank == 1 else "2-5" if rank <= 5 else "6-10" if rank <= 10 else "11-N"
 
 
-def _spearman(a: list[int], b: list[int]) -> float:
-    n = len(a)
-    return 1 - 6 * sum((x - y) ** 2 for x, y in zip(a, b)) / (n * (n * n - 1)) if n > 1 else 0.0
-
-
 def _norm_text(text: str) -> str:
     return " ".join(text.lower().split())
 
@@ -455,7 +450,7 @@ def run_relabel(
         seed_bins[_rank_bin(example.seed_rank)] += 1
         margins.append(example.seed_margin)
         if "ql" in signals and "rc" in signals:
-            rhos.append(_spearman(signals["ql"], signals["rc"]))
+            rhos.append(spearman(signals["ql"], signals["rc"]))
         by_id = {c.id: c for c in example.candidates}
         for c in example.candidates:
             if c.ql is not None:
