@@ -277,27 +277,26 @@ class LlamaCppLLM:
         Multi-token labels fall back to `score_and_label_by_parts`.
         """
         out: list[JointScore] = []
-        previous_context = None
+        base_text, base = None, []
         for r in requests:
             label_tokens = [self.tokenize(label, bos=False) for label in r.labels]
             cont = self.tokenize(r.continuation, bos=False)
             if any(len(t) != 1 for t in label_tokens) or not cont:
                 out += score_and_label_by_parts(self, prefix, [r])
-                previous_context = None
                 continue
-            base = self.tokenize(prefix + r.context, bos=True)
+            if prefix + r.context != base_text:  # tokenized once per run of requests sharing a context
+                base_text = prefix + r.context
+                base = self.tokenize(base_text, bos=True)
             tail = cont + self.tokenize(r.question, bos=False)
             self._check_length(len(base) + len(tail))
-            if previous_context != (prefix, r.context) or self._main != base[:-1]:
+            if self._main != base[:-1]:
                 start = self._rewind_to_shared_prefix(base, keep_at_most=len(base) - 1)
                 self._decode(base[:-1], start, want_logits_from=len(base))
-                previous_context = (prefix, r.context)
             first = len(base) - 1  # its logits predict the first continuation token
             suffix = [base[-1]] + tail
             wanted = set(range(first, first + len(cont))) | {first + len(suffix) - 1}
-            rows: list[np.ndarray] = []
-            for lo in range(0, len(suffix), self._batch_size):
-                rows += self._run([(tok, first + i, MAIN, first + i in wanted) for i, tok in enumerate(suffix) if lo <= i < lo + self._batch_size])
+            entries = [(tok, first + i, MAIN, first + i in wanted) for i, tok in enumerate(suffix)]
+            rows = [row for lo in range(0, len(entries), self._batch_size) for row in self._run(entries[lo : lo + self._batch_size])]
             self._ctx.kv_cache_seq_rm(MAIN, first, -1)  # MAIN holds the context again, not this request
             logprobs = [log_softmax_at(row, tok) for row, tok in zip(rows, cont)]
             labels = {label: log_softmax_at(rows[-1], t[0]) for label, t in zip(r.labels, label_tokens)}
