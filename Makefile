@@ -9,9 +9,12 @@ BIN := $(VENV)/bin
 LLAMA_BUILD ?= native
 LLAMA_CPP_VERSION := 0.3.36
 CPU_ID := $(shell grep -m1 '^flags' /proc/cpuinfo 2>/dev/null | md5sum | cut -c1-8)
+# ggml's AMX kernels are left out: on a Xeon with AMX (a KVM guest) the native build that used
+# them crashed in the first llama_decode (SIGSEGV); without them it runs.
 ifeq ($(LLAMA_BUILD),native)
-LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=ON
-WHEELS ?= $(HOME)/.cache/gecko/wheels/native-$(CPU_ID)
+NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=ON '-DCMAKE_C_FLAGS=$(NO_AMX)' '-DCMAKE_CXX_FLAGS=$(NO_AMX)'
+WHEELS ?= $(HOME)/.cache/gecko/wheels/native-noamx-$(CPU_ID)
 else
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 WHEELS ?= $(HOME)/.cache/gecko/wheels/portable

@@ -19,8 +19,7 @@ import time
 from pathlib import Path
 
 from gecko.generate import GenerateConfig, run_generate
-from gecko.llm import CachedLLM, GenerationParams, LLMCache
-from gecko.llm.llamacpp import LlamaCppLLM
+from gecko.llm import CachedLLM, LLMCache, open_backend
 
 SCIFACT = Path(__file__).resolve().parents[2] / "shared" / "data" / "scifact" / "corpus.jsonl.gz"
 
@@ -39,13 +38,26 @@ class Recorder:
         return getattr(self.backend, name)
 
 
+def backend_options(spec: str, threads: int, batch: int) -> dict:
+    """Threads (and llama.cpp's decode batch) for the backend named by `spec`."""
+    if spec.startswith("llamacpp") or spec == "default":
+        return {"n_threads": threads, "max_batch": batch}
+    if spec.startswith("transformers"):
+        import torch
+
+        torch.set_num_threads(threads)
+        return {"dtype": "bfloat16"}
+    return {}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--passages", type=int, default=40)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--llm", default="llamacpp:default", help="backend spec: llamacpp:default, transformers:default, ...")
     args = parser.parse_args()
-    backend = LlamaCppLLM(n_threads=args.threads, max_batch=args.batch_size)
+    backend = open_backend(args.llm, **backend_options(args.llm, args.threads, args.batch_size))
     with tempfile.TemporaryDirectory() as tmp:
         corpus = Path(tmp) / "corpus.jsonl"
         with gzip.open(SCIFACT, "rt") as src, corpus.open("w") as dst:
@@ -77,7 +89,7 @@ def main() -> None:
 
     n = summary.passages
     print(summary.render() + "\n")
-    print(f"{n} passages of 170-240 words, {args.threads} threads, batch {args.batch_size}\n")
+    print(f"{n} passages of 170-240 words, {args.llm} ({backend.identity[:40]}...), {args.threads} threads, batch {args.batch_size}\n")
     print("| run | passages/s | time (s) |")
     print("|---|---|---|")
     print(f"| pipeline (`run_generate`) | {n / pipeline_s:.2f} | {pipeline_s:.1f} |")

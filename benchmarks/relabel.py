@@ -1,6 +1,6 @@
 """Relabel speed: (query, passage) pairs/s with both signals, against the naive way, side by side.
 
-Both ways score the same pairs with the packaged Gemma 3 270M on llama.cpp and the same joint
+Both ways score the same pairs with the packaged Gemma 3 270M (`--llm`: backend) and the same joint
 few-shot prompt (passages cut to 200 words), in the same process:
 - gecko: `run_relabel` (QL and RC from one pass per candidate via `score_and_label`; the
   few-shot prefix's KV computed once; candidates that share a passage sent together), with an
@@ -114,30 +114,30 @@ def main() -> None:
     parser.add_argument("--workloads", default="sample,scifact")
     parser.add_argument("--queries", type=int, default=10, help="generated queries per workload")
     parser.add_argument("--naive-pairs", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: free cores)")
+    parser.add_argument("--threads", type=int, default=None, help="LLM threads (default: free cores)")
+    parser.add_argument("--llm", default="default", help="backend spec: default, llamacpp:default, transformers:default")
     args = parser.parse_args()
 
-    import torch
+    from gecko.llm import load_llm, open_backend
 
-    from gecko.llm import load_llm
-    from gecko.llm.llamacpp import LlamaCppLLM
-
-    torch.set_num_threads(1)
-    backend = LlamaCppLLM(n_threads=args.threads)
+    backend = open_backend(args.llm, n_threads=args.threads)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for name in args.workloads.split(","):
             if name == "sample":
                 # queries come from the shared LLM cache when they were generated before
-                generated = sample_queries(work, load_llm("default", n_threads=backend.n_threads), args.queries)
+                generated = sample_queries(work, load_llm(args.llm, n_threads=args.threads), args.queries)
                 results.append(bench("sample", generated, SAMPLE, backend, args.queries, args.naive_pairs, work))
             elif name == "scifact":
                 generated = scifact_claims(work, args.queries)
                 results.append(bench("scifact", generated, SCIFACT, backend, args.queries, args.naive_pairs, work))
             else:
                 raise SystemExit(f"unknown workload {name!r}")
-    print(f"\nllama.cpp threads: {backend.n_threads}\n")
+    import torch
+
+    threads = getattr(backend, "n_threads", None) or torch.get_num_threads()
+    print(f"\nLLM: {args.llm} ({backend.identity[:40]}...), threads: {threads}\n")
     print("| workload | queries | pairs | distinct passages | gecko pairs/s | gecko tokens/pair | naive pairs/s | naive tokens/pair | speed-up | token ratio |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:

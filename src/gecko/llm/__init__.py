@@ -30,7 +30,7 @@ def open_backend(spec: str = DEFAULT, **options) -> LLM:
     """The raw backend named by `spec`, without the cache."""
     kind, _, target = spec.partition(":")
     if spec == DEFAULT:
-        kind, target = "llamacpp", DEFAULT
+        kind, target = default_backend(), DEFAULT
     if kind == "llamacpp":
         from gecko.llm.llamacpp import LlamaCppLLM
 
@@ -45,6 +45,25 @@ def open_backend(spec: str = DEFAULT, **options) -> LLM:
 
         return TransformersLLM(target or DEFAULT, **options)
     raise ValueError(f"unknown LLM spec {spec!r}: expected default, llamacpp:PATH, openai:URL#MODEL or transformers:DIR")
+
+
+def default_backend() -> str:
+    """The backend `default` runs the packaged Gemma 3 270M on: transformers in bfloat16 where the
+    CPU multiplies bf16 in hardware (2.3x llama.cpp's generate throughput measured side by side on
+    such a CPU, benchmarks/RESULTS.md), llama.cpp's Q4 kernels everywhere else. GECKO_LLM_BACKEND
+    (llamacpp | transformers) overrides the choice."""
+    chosen = os.environ.get("GECKO_LLM_BACKEND")
+    if chosen:
+        if chosen not in ("llamacpp", "transformers"):
+            raise ValueError(f"GECKO_LLM_BACKEND must be llamacpp or transformers, not {chosen!r}")
+        return chosen
+    import torch
+
+    if torch.cuda.is_available():
+        return "transformers"
+    from gecko.llm.hf import fast_bf16_cpu
+
+    return "transformers" if fast_bf16_cpu() else "llamacpp"
 
 
 def load_llm(spec: str = DEFAULT, cache: str | Path | None = None, use_cache: bool = True, **options) -> LLM:

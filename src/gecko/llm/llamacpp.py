@@ -19,13 +19,13 @@ tokens can differ in the last bits with the batch they were decoded in (see abov
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import math
 import os
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import torch
 
 from gecko.llm.base import (
     ContinuationScore,
@@ -37,6 +37,7 @@ from gecko.llm.base import (
     label_logprobs_by_scoring,
     score_and_label_by_parts,
 )
+from gecko.llm.sampling import prompt_seed, sample_rows
 from gecko.models import DEFAULT, default_gguf_path, file_sha256
 
 ALIGN = 64
@@ -58,25 +59,6 @@ def log_softmax_at(row: np.ndarray, token: int) -> float:
     """
     top = row.max()
     return float(row[token]) - float(top) - math.log(float(np.exp(row - top).sum(dtype=np.float64)))
-
-
-def sample_token(row: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
-    """Greedy at temperature 0; otherwise nucleus sampling from softmax(logits / temperature)."""
-    if temperature <= 0:
-        return int(np.argmax(row))
-    logits = row.astype(np.float64) / temperature
-    probs = np.exp(logits - logits.max())
-    probs /= probs.sum()
-    if top_p < 1.0:
-        order = np.argsort(-probs)
-        keep = order[: int(np.searchsorted(np.cumsum(probs[order]), top_p)) + 1]
-        return int(rng.choice(keep, p=probs[keep] / probs[keep].sum()))
-    return int(rng.choice(len(probs), p=probs))
-
-
-def prompt_seed(seed: int, prompt: str) -> int:
-    """A per-prompt random stream: a prompt's sample does not depend on its batch neighbours."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{prompt}".encode()).digest()[:8], "big")
 
 
 class LlamaCppLLM:
@@ -214,8 +196,8 @@ class LlamaCppLLM:
         live = list(range(len(prompts)))
         while live:
             step = []
-            for i in list(live):
-                token = sample_token(rows[i], params.temperature, params.top_p, rngs[i])
+            drawn = sample_rows(torch.from_numpy(np.stack([rows[i] for i in live])), params.temperature, params.top_p, [rngs[i] for i in live])
+            for i, token in zip(list(live), drawn):
                 if token in self._eos:
                     live.remove(i)
                     continue
