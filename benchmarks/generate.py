@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from gecko.generate import GenerateConfig, run_generate
-from gecko.llm import CachedLLM, LLMCache, open_backend
+from gecko.llm import CachedLLM, LLMCache, default_backend, open_backend
 
 SCIFACT = Path(__file__).resolve().parents[2] / "shared" / "data" / "scifact" / "corpus.jsonl.gz"
 
@@ -40,13 +40,10 @@ class Recorder:
 
 def backend_options(spec: str, threads: int, batch: int) -> dict:
     """Threads (and llama.cpp's decode batch) for the backend named by `spec`."""
-    if spec.startswith("llamacpp") or spec == "default":
+    if spec.startswith("llamacpp") or (spec == "default" and default_backend() == "llamacpp"):
         return {"n_threads": threads, "max_batch": batch}
-    if spec.startswith("transformers"):
-        import torch
-
-        torch.set_num_threads(threads)
-        return {"dtype": "bfloat16"}
+    if spec.startswith("transformers") or spec == "default":
+        return {"n_threads": threads}
     return {}
 
 
@@ -55,7 +52,7 @@ def main() -> None:
     parser.add_argument("--passages", type=int, default=40)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--llm", default="llamacpp:default", help="backend spec: llamacpp:default, transformers:default, ...")
+    parser.add_argument("--llm", default="default", help="backend spec: default, llamacpp:default, transformers:default, ...")
     args = parser.parse_args()
     backend = open_backend(args.llm, **backend_options(args.llm, args.threads, args.batch_size))
     with tempfile.TemporaryDirectory() as tmp:

@@ -133,7 +133,7 @@ def test_prefix_reuse_equals_full_forward(hf, monkeypatch):
             assert score.tokens == [hf.tokenizer.decode([t]) for t in hf.tokenize(cont, bos=False)]
             if cont in checked:  # the long reference forwards are slow on one core: the longest and the empty one
                 assert score.logprobs == pytest.approx(full_forward_logprobs(hf, prefix, cont) if cont else [], abs=1e-4), cont
-    monkeypatch.setattr("gecko.llm.hf.BATCH_TOKENS", 12)  # several small batches give the same numbers
+    monkeypatch.setattr("gecko.llm.hf.PACK_TOKENS", 12)  # several small packs give the same numbers
     for again, score in zip(hf.score(long_passage, continuations), scores):
         assert again.logprobs == pytest.approx(score.logprobs, abs=1e-4)
 

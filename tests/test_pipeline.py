@@ -21,7 +21,7 @@ import yaml
 from gecko.cli import main
 from gecko.corpus import load_beir, load_corpus
 from gecko.demo import demo_config
-from gecko.llm import CachedLLM, LLMCache
+from gecko.llm import CachedLLM, LLMCache, open_backend
 from gecko.pipeline import STAGES, ConfigError, load_config, read_manifest, run_pipeline
 
 torch.set_num_threads(1)
@@ -133,11 +133,11 @@ def killed_run(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def resumed(killed_run, llamacpp):
+def resumed(killed_run):
     run_dir, cache, journaled = killed_run
     assert read_manifest(run_dir / "generate" / "manifest.json")["status"] == "running"
     assert not (run_dir / "generate" / "generated.jsonl").exists() and 2 <= journaled < 6
-    llm = CachedLLM(llamacpp, LLMCache(cache))
+    llm = CachedLLM(open_backend("default", n_threads=1), LLMCache(cache))  # what the killed `gecko run` used
     rows_before = _cache_rows(cache)
     config = load_config(demo_config(), [f"run_dir={run_dir}", *TINY])
     result = run_pipeline(config, llm=llm, progress=False)

@@ -36,8 +36,8 @@ from gecko.llm.slots import SlotKV
 from gecko.models import DEFAULT, default_gguf_path, file_sha256, gecko_home
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-BATCH_TOKENS = 2048  # continuation tokens per batched forward
-KV_BYTES = 512 << 20  # copies of a context's KV per batch of continuations (~18 KB a token for Gemma 3 270M)
+BATCH_TOKENS = 2048  # padded prompt tokens per batched prefill forward
+PACK_TOKENS = 512  # tokens of the texts after one context packed into one forward (their masked attention grows with it)
 ALIGN = 64  # the shared prefix kept as a root KV is cut to a multiple of this
 HEAD_ROWS = 128  # output-layer rows at a time: 128 x 262k float32 logits = 128 MiB
 
@@ -232,23 +232,26 @@ class TransformersLLM:
         """Hidden states after `context` (BOS included) for each tail: for each tail, the rows at
         the indices `wanted[i]` of [context's last token] + tail.
 
-        The context is evaluated once (after the root prefix), each batch of tails once against
-        copies of its KV, in batches of at most BATCH_TOKENS padded tokens."""
+        The context is evaluated once (after the root prefix); the tails follow it packed into
+        one row, PACK_TOKENS at a time, each seeing the context and itself only."""
         root = self._root_for(context, min(self._root_want(context), len(context) - 1))
-        ctx = self._fork(root, 1, len(context))
+        longest = max(map(len, tails), default=0)
+        ctx = self._fork(root, 1, len(context) + max(PACK_TOKENS, longest))
         last = self._forward([context[root:]], [root], ctx)[0, -1:]
         out: list[torch.Tensor] = [last[:0]] * len(tails)
-        per_row = len(context) * ctx.bytes_per_slot
-        for batch in batches(list(range(len(tails))), [len(t) + 1 for t in tails], max(1, KV_BYTES // per_row)):
-            rows = [tails[i] for i in batch]
-            width = max(map(len, rows))
-            hidden = None
-            if width:
-                kv = ctx.fork(len(rows), len(context) + width, len(context))
-                hidden = self._forward(rows, [len(context)] * len(rows), kv)
-            for b, i in enumerate(batch):
-                full = last if hidden is None else torch.cat([last, hidden[b, : len(tails[i])]])
-                out[i] = full[wanted[i]]
+        pack: list[int] = []
+        for i in range(len(tails) + 1):
+            if pack and (i == len(tails) or sum(len(tails[j]) for j in pack) + len(tails[i]) > PACK_TOKENS):
+                live = [j for j in pack if tails[j]]
+                hidden = slots.forward_packed(self.body, self.model.config, [tails[j] for j in live], len(context), ctx) if live else []
+                self.evaluated_tokens += sum(len(tails[j]) for j in live)
+                own = dict(zip(live, hidden))
+                for j in pack:
+                    full = torch.cat([last, own[j]]) if j in own else last
+                    out[j] = full[wanted[j]]
+                pack = []
+            if i < len(tails):
+                pack.append(i)
         return out
 
     def _prefill(self, encoded: list[list[int]], root: int, max_tokens: int) -> tuple[SlotKV, dict[int, torch.Tensor]]:

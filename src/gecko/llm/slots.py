@@ -93,12 +93,6 @@ class SlotKV:
         self.values = [v.index_select(0, index) for v in self.values]
         self.batch = len(rows)
 
-    @property
-    def bytes_per_slot(self) -> int:
-        """Memory one position of one row takes, keys and values of every layer."""
-        first = self.keys[0]
-        return 2 * len(self.keys) * first.shape[1] * first.shape[3] * first.element_size()
-
     def write_at(self, positions: torch.Tensor) -> None:
         """The positions [batch, tokens] the next forward writes."""
         self._positions = positions
@@ -129,3 +123,28 @@ def forward(body, config, ids: torch.Tensor, positions: torch.Tensor, kv: SlotKV
     kv.write_at(positions)
     out = body(input_ids=ids, position_ids=positions, attention_mask=masks(config, positions, kv.length), cache=kv, use_cache=True)
     return out.last_hidden_state
+
+
+def forward_packed(body, config, ids: list[list[int]], start: int, kv: SlotKV) -> list[torch.Tensor]:
+    """Hidden states of several texts that each continue the one row of `kv` after its first
+    `start` slots, packed one after another into one row instead of one row each.
+
+    Each text takes positions start, start+1, ... and sees the shared slots and its own tokens
+    only; packing saves copying the shared slots into a row per text (a passage of ~300 tokens
+    and its ~20 queries in relabel), at the price of masked attention over the other texts."""
+    device = kv.keys[0].device
+    lengths = [len(t) for t in ids]
+    flat = torch.tensor([[tok for t in ids for tok in t]], device=device)
+    positions = torch.cat([start + torch.arange(n, device=device) for n in lengths])[None]
+    groups = torch.cat([torch.full((n,), g, device=device) for g, n in enumerate(lengths)])
+    slots = start + torch.arange(flat.shape[1], device=device)
+    kv._rows, kv._positions, kv.length = torch.zeros_like(slots)[None], slots[None], start + flat.shape[1]
+    key_positions = torch.cat([torch.arange(start, device=device), positions[0]])
+    key_groups = torch.cat([torch.full((start,), -1, device=device), groups])
+    distance = positions[0][:, None] - key_positions  # [tokens, keys]
+    causal = ((key_groups == -1) | (key_groups == groups[:, None])) & (distance >= 0)
+    window = getattr(config, "sliding_window", None)
+    sliding = causal & (distance < window) if window else causal
+    mask = {"full_attention": causal[None, None], "sliding_attention": sliding[None, None]}
+    hidden = body(input_ids=flat, position_ids=positions, attention_mask=mask, cache=kv, use_cache=True).last_hidden_state[0]
+    return list(hidden.split(lengths))
