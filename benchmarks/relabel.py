@@ -68,6 +68,9 @@ def bench(name: str, generated: Path, corpus: Path, backend, queries: int, naive
     from gecko.llm.cache import CachedLLM, LLMCache
     from gecko.relabel import RelabelConfig, naive_score, run_relabel
 
+    backend.score("Passage: warm-up.\nQuery:", [" a query"])  # kernel set-up and allocations, untimed
+    if callable(getattr(backend, "reset", None)):
+        backend.reset()  # the gecko way starts without kept KV, as a fresh process does
     llm = CachedLLM(backend, LLMCache(work / f"{name}-cache.sqlite"))  # empty: every pair is computed
     out = work / f"{name}.jsonl"
     before = backend.evaluated_tokens
@@ -87,7 +90,7 @@ def bench(name: str, generated: Path, corpus: Path, backend, queries: int, naive
         worst = max(worst, abs(s.ql() - cand["ql"]), abs(s.rc() - cand["rc"]))
     naive_s = time.perf_counter() - start
     naive_tokens = backend.evaluated_tokens - before
-    gecko_rate, naive_rate = pairs / llm_s, len(todo) / naive_s
+    gecko_rate, naive_rate = pairs / llm_s, len(todo) / naive_s if todo else float("nan")
     result = {
         "workload": name,
         "queries": summary.queries,
@@ -97,9 +100,10 @@ def bench(name: str, generated: Path, corpus: Path, backend, queries: int, naive
         "gecko_tokens_per_pair": round(gecko_tokens / pairs, 1),
         "naive_pairs": len(todo),
         "naive_pairs_per_s": round(naive_rate, 3),
-        "naive_tokens_per_pair": round(naive_tokens / len(todo), 1),
+        "naive_tokens_per_pair": round(naive_tokens / max(len(todo), 1), 1),
         "speedup": round(gecko_rate / naive_rate, 2),
-        "token_ratio": round((naive_tokens / len(todo)) / (gecko_tokens / pairs), 2),
+        "token_ratio": round((naive_tokens / max(len(todo), 1)) / (gecko_tokens / pairs), 2),
+        "llm": backend.identity,
         # the two ways agree up to llama.cpp's batch-dependent rounding (tests/test_relabel.py)
         "max_score_difference": round(worst, 4),
         "positive_changed_rate": round(summary.positive_changed_rate, 3),
@@ -116,6 +120,7 @@ def main() -> None:
     parser.add_argument("--naive-pairs", type=int, default=10)
     parser.add_argument("--threads", type=int, default=None, help="LLM threads (default: free cores)")
     parser.add_argument("--llm", default="default", help="backend spec: default, llamacpp:default, transformers:default")
+    parser.add_argument("--compare", default="", help="comma-separated backend specs run the gecko way on the same pairs")
     args = parser.parse_args()
 
     from gecko.llm import load_llm, open_backend
@@ -129,14 +134,22 @@ def main() -> None:
                 # queries come from the shared LLM cache when they were generated before
                 generated = sample_queries(work, load_llm(args.llm, n_threads=args.threads), args.queries)
                 results.append(bench("sample", generated, SAMPLE, backend, args.queries, args.naive_pairs, work))
+                for spec in filter(None, args.compare.split(",")):
+                    other = open_backend(spec, n_threads=args.threads)
+                    results.append(bench(f"sample ({spec})", generated, SAMPLE, other, args.queries, 0, work))
+                    del other
             elif name == "scifact":
                 generated = scifact_claims(work, args.queries)
                 results.append(bench("scifact", generated, SCIFACT, backend, args.queries, args.naive_pairs, work))
+                for spec in filter(None, args.compare.split(",")):
+                    other = open_backend(spec, n_threads=args.threads)
+                    results.append(bench(f"scifact ({spec})", generated, SCIFACT, other, args.queries, 0, work))
+                    del other
             else:
                 raise SystemExit(f"unknown workload {name!r}")
     import torch
 
-    threads = getattr(backend, "n_threads", None) or torch.get_num_threads()
+    threads = args.threads or getattr(backend, "n_threads", None) or torch.get_num_threads()
     print(f"\nLLM: {args.llm} ({backend.identity[:40]}...), threads: {threads}\n")
     print("| workload | queries | pairs | distinct passages | gecko pairs/s | gecko tokens/pair | naive pairs/s | naive tokens/pair | speed-up | token ratio |")
     print("|---|---|---|---|---|---|---|---|---|---|")

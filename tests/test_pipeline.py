@@ -113,22 +113,35 @@ def _cache_rows(cache: Path) -> int:
         return db.execute("SELECT COUNT(*) FROM calls").fetchone()[0]
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}").is_dir() and "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
+
+
 @pytest.fixture(scope="module")
 def killed_run(tmp_path_factory):
-    """A `gecko run` subprocess killed with kill -9 after generate journaled its first passages."""
+    """A `gecko run --background` (its own process, outliving the command that started it) killed
+    with kill -9 after generate journaled its first passages."""
     root = tmp_path_factory.mktemp("pipeline")
     run_dir, cache = root / "run", root / "llm-cache.sqlite"
-    cmd = [sys.executable, "-m", "gecko.cli", "run", str(demo_config()), f"run_dir={run_dir}", *TINY, "--no-progress"]
-    proc = subprocess.Popen(cmd, env=_env(cache), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    cmd = [sys.executable, "-m", "gecko.cli", "run", str(demo_config()), f"run_dir={run_dir}", *TINY, "--no-progress", "--background"]
+    started = subprocess.run(cmd, env=_env(cache), capture_output=True, text=True, timeout=120)
+    assert started.returncode == 0 and "in the background" in started.stdout, started.stderr
+    pid = int((run_dir / "run.pid").read_text())
     journal = run_dir / "generate" / "generated.jsonl.journal"
     deadline = time.monotonic() + 240
     try:
         while time.monotonic() < deadline and (not journal.exists() or journal.read_text().count("\n") < 2):
-            assert proc.poll() is None, "gecko run ended before it could be killed"
+            assert _alive(pid), "gecko run ended before it could be killed:\n" + (run_dir / "run.log").read_text()[-2000:]
             time.sleep(0.05)
     finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+        os.kill(pid, signal.SIGKILL)
+        while _alive(pid) and time.monotonic() < deadline + 30:
+            time.sleep(0.05)
+    assert "gecko run" in (run_dir / "run.log").read_text()
     return run_dir, cache, journal.read_text().count("\n")
 
 

@@ -84,12 +84,18 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     import yaml
 
-    from gecko.pipeline import ConfigError, PipelineError, load_config, run_pipeline
+    from gecko.pipeline import ConfigError, PipelineError, load_config, run_pipeline, start_in_background
 
     try:
         config = load_config(args.config, args.overrides)
         if args.show_config:
             print(yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True), end="")
+            return 0
+        if args.background:
+            argv = [args.config, *args.overrides] + (["--no-progress"] if args.no_progress else [])
+            pid, log = start_in_background(config, argv)
+            print(f"gecko run started in the background: pid {pid}, log {log}\n"
+                  "it outlives this shell; the same command again resumes it after a crash or a kill")
             return 0
         result = run_pipeline(config, progress=not args.no_progress)
     except (ConfigError, PipelineError, ValueError) as err:  # the stages' input errors are ValueErrors
@@ -337,6 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="dotted keys, values read as YAML, e.g. relabel.top_n=10 train.epochs=2 eval.dims=[384,64]")
     run.add_argument("--show-config", action="store_true", help="print the config with every default filled in, and exit")
     run.add_argument("--no-progress", action="store_true", help="no progress bars or stage lines")
+    run.add_argument("--background", action="store_true",
+                     help="start the run as its own process (outlives the shell; log in RUN_DIR/run.log) and return")
     run.set_defaults(func=_cmd_run)
 
     ev = commands.add_parser("eval", help="MTEB-style scores at each Matryoshka dim, with a report")

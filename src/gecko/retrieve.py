@@ -26,7 +26,6 @@ from typing import Sequence
 import numpy as np
 
 from gecko.corpus import Passage
-from gecko.llm.llamacpp import free_cores
 from gecko.models import DEFAULT
 
 INDEX_KINDS = ("flat", "ivf", "ivfpq")
@@ -132,8 +131,11 @@ class Retriever:
 
     def build(self) -> None:
         import faiss
+        import torch
 
-        faiss.omp_set_num_threads(free_cores())
+        # faiss and torch share one OpenMP runtime: the count set here is torch's too, so it
+        # follows torch's (set from the free cores or GECKO_LLM_THREADS) instead of lowering it
+        faiss.omp_set_num_threads(torch.get_num_threads())
         n, cfg = len(self.passages), self.config
         dim = self.embedder.dim
         index_time = 0.0

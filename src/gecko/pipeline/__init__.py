@@ -19,7 +19,7 @@ from gecko.pipeline.config import (
     load_config,
 )
 from gecko.pipeline.report import before_after_rows, before_after_table
-from gecko.pipeline.run import STAGES, PipelineError, RunResult, StageRun, read_manifest, run_pipeline
+from gecko.pipeline.run import STAGES, PipelineError, RunResult, StageRun, read_manifest, run_pipeline, start_in_background
 
 __all__ = [
     "ConfigError",
@@ -38,4 +38,5 @@ __all__ = [
     "load_config",
     "read_manifest",
     "run_pipeline",
+    "start_in_background",
 ]

@@ -145,6 +145,29 @@ def run_pipeline(config: PipelineConfig, *, llm=None, progress: bool = True) -> 
     return RunResult(ctx.run_dir, runs, report, results, baseline)
 
 
+def start_in_background(config: PipelineConfig, argv: list[str]) -> tuple[int, Path]:
+    """Start `gecko run ARGV` as a process of its own session, so it outlives the shell (and the
+    session) that started it; its output goes to RUN_DIR/run.log, its pid to RUN_DIR/run.pid.
+
+    Rerunning the same command after a crash, a kill or a reboot resumes it (manifests, journals,
+    checkpoints, LLM cache). Refused while another `gecko run` holds the folder."""
+    import subprocess
+    import sys
+
+    run_dir = Path(config.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with _lock(run_dir):  # fails now, not in the log, if the folder is busy
+        pass
+    log = run_dir / "run.log"
+    with log.open("a") as out:
+        out.write(f"\n== {_now()} gecko run {' '.join(argv)}\n")
+        out.flush()
+        proc = subprocess.Popen([sys.executable, "-m", "gecko.cli", "run", *argv], stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    write_text_atomic(run_dir / "run.pid", f"{proc.pid}\n")
+    return proc.pid, log
+
+
 @contextmanager
 def _lock(run_dir: Path):
     """One `gecko run` per folder at a time (the lock dies with its process, kill -9 included)."""
