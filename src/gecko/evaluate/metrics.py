@@ -25,7 +25,20 @@ def retrieval_scores(
     k_values=(1, 3, 5, 10, 20, 100, 1000),
     chunk: int = 256,
 ) -> dict[str, float]:
-    """Exact cosine search of every query over the whole corpus, scored against `qrels`."""
+    """Exact cosine search of every query over the whole corpus, scored against `qrels` (means)."""
+    return _means(retrieval_per_query(query_ids, query_emb, doc_ids, doc_emb, qrels, k_values, chunk))
+
+
+def retrieval_per_query(
+    query_ids: list[str],
+    query_emb: np.ndarray,
+    doc_ids: list[str],
+    doc_emb: np.ndarray,
+    qrels: dict[str, dict[str, int]],
+    k_values=(1, 3, 5, 10, 20, 100, 1000),
+    chunk: int = 256,
+) -> dict[str, list[float]]:
+    """`retrieval_scores` before averaging: each metric's value per judged query, in qrels order."""
     top_k = min(max(k_values), len(doc_ids))
     ranked = {}
     order_ids = np.array(doc_ids, dtype=object)
@@ -40,11 +53,28 @@ def retrieval_scores(
             # pytrec_eval / MTEB order: score descending, ties by document id descending
             items = sorted(zip(sims[row, cand].tolist(), order_ids[cand].tolist()), reverse=True)
             ranked[qid] = [doc for _, doc in items]
-    return ranking_scores(ranked, qrels, k_values)
+    return ranking_per_query(ranked, qrels, k_values)
 
 
 def ranking_scores(ranked: dict[str, list[str]], qrels: dict[str, dict[str, int]], k_values) -> dict[str, float]:
     """Mean per-query metrics over the queries that have qrels (trec_eval's definitions)."""
+    return _means(ranking_per_query(ranked, qrels, k_values))
+
+
+def _means(per: dict[str, list[float]]) -> dict[str, float]:
+    return {name: float(np.mean(values)) for name, values in per.items()}
+
+
+def paired_bootstrap_ci(a, b, samples: int = 10_000, seed: int = 0) -> tuple[float, float]:
+    """95% paired-bootstrap interval of mean(a) - mean(b) over the same queries."""
+    diff = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    means = diff[rng.integers(0, len(diff), size=(samples, len(diff)))].mean(axis=1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def ranking_per_query(ranked: dict[str, list[str]], qrels: dict[str, dict[str, int]], k_values) -> dict[str, list[float]]:
+    """Each metric per query that has qrels, in qrels order (trec_eval's definitions)."""
     per: dict[str, list[float]] = defaultdict(list)
     for qid, judged in qrels.items():
         if not judged or qid not in ranked:
@@ -69,7 +99,7 @@ def ranking_scores(ranked: dict[str, list[str]], qrels: dict[str, dict[str, int]
             per[f"precision_at_{k}"].append(found / k)
             per[f"mrr_at_{k}"].append(1.0 / (first_hit + 1) if first_hit is not None and first_hit < k else 0.0)
             per[f"hit_rate_at_{k}"].append(1.0 if first_hit is not None and first_hit < k else 0.0)
-    return {name: float(np.mean(values)) for name, values in per.items()}
+    return dict(per)
 
 
 def sts_scores(emb1: np.ndarray, emb2: np.ndarray, gold: list[float]) -> dict[str, float]:

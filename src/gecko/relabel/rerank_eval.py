@@ -16,7 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from gecko.corpus import load_beir
-from gecko.evaluate.metrics import ranking_scores
+from gecko.evaluate.metrics import paired_bootstrap_ci, ranking_scores
 from gecko.llm.base import LLM
 from gecko.relabel.fusion import fuse, ranks, spearman
 from gecko.relabel.scoring import PairScore, PairScorer, ScoreConfig
@@ -58,10 +58,7 @@ class RerankEvalResult:
 
     def paired_ci(self, name: str, against: str = "retriever", samples: int = 10_000, seed: int = 0) -> tuple[float, float]:
         """95% paired-bootstrap interval of mean nDCG@10(name) - nDCG@10(against), over queries."""
-        diff = np.asarray(self.per_query_ndcg_at_10[name]) - np.asarray(self.per_query_ndcg_at_10[against])
-        rng = np.random.default_rng(seed)
-        means = diff[rng.integers(0, len(diff), size=(samples, len(diff)))].mean(axis=1)
-        return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+        return paired_bootstrap_ci(self.per_query_ndcg_at_10[name], self.per_query_ndcg_at_10[against], samples, seed)
 
     def table(self) -> str:
         lines = ["| order | nDCG@10 | Δ vs retriever (95% CI) | P@1 | top-1 changed |", "|---|---|---|---|---|"]
