@@ -12,8 +12,8 @@ CPU_ID := $(shell grep -m1 '^flags' /proc/cpuinfo 2>/dev/null | md5sum | cut -c1
 # ggml's AMX kernels are left out: on a Xeon with AMX (a KVM guest) the native build that used
 # them crashed in the first llama_decode (SIGSEGV); without them it runs.
 ifeq ($(LLAMA_BUILD),native)
-NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
-LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=ON '-DCMAKE_C_FLAGS=$(NO_AMX)' '-DCMAKE_CXX_FLAGS=$(NO_AMX)'
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=ON
+LLAMA_CFLAGS ?= -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
 WHEELS ?= $(HOME)/.cache/gecko/wheels/native-noamx-$(CPU_ID)
 else
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF
@@ -32,7 +32,7 @@ $(WHEELS)/.llama-cpp-python-$(LLAMA_CPP_VERSION): | $(BIN)/python
 		echo "reusing built llama-cpp-python wheel in $(WHEELS)"; \
 	else \
 		echo "building llama-cpp-python $(LLAMA_CPP_VERSION) from source (4-6 min, once per machine)"; \
-		tmp=$$(mktemp -d) && CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip wheel --quiet --no-cache-dir --no-deps \
+		tmp=$$(mktemp -d) && CFLAGS="$(LLAMA_CFLAGS)" CXXFLAGS="$(LLAMA_CFLAGS)" CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip wheel --quiet --no-cache-dir --no-deps \
 			llama-cpp-python==$(LLAMA_CPP_VERSION) -w $$tmp && mv $$tmp/*.whl $(WHEELS)/ && rm -rf $$tmp; \
 	fi
 	touch $@
