@@ -84,14 +84,12 @@ def converted_gguf(path: Path, sha: str) -> Path:
     return target
 
 
-def batches(items: list[int], lengths: list[int], max_rows: int | None = None) -> list[list[int]]:
-    """Consecutive groups of items whose padded size (count x longest) stays within BATCH_TOKENS
-    and whose count stays within max_rows."""
+def batches(items: list[int], lengths: list[int]) -> list[list[int]]:
+    """Consecutive groups of items whose padded size (count x longest) stays within BATCH_TOKENS."""
     groups: list[list[int]] = []
     width = 0
     for i in items:
-        fits = max_rows is None or len(groups[-1]) < max_rows if groups else False
-        if fits and (len(groups[-1]) + 1) * max(width, lengths[i]) <= BATCH_TOKENS:
+        if groups and (len(groups[-1]) + 1) * max(width, lengths[i]) <= BATCH_TOKENS:
             groups[-1].append(i)
             width = max(width, lengths[i])
         else:
@@ -341,26 +339,28 @@ class TransformersLLM:
         """QL and RC of each request from one pass over its own tokens, requests sharing a context batched.
 
         `prefix` (the few-shot block) is evaluated once per process, each run of requests sharing a
-        context once, and each request's continuation + question once, batched against copies of the
-        context's KV; the head runs only at the continuation rows and the last row.
+        context once, and each request's continuation + question once, packed after the context's
+        KV; the head runs only at the continuation rows and the last row.
         Multi-token labels fall back to `score_and_label_by_parts`."""
         self._hint_prefix(prefix)
         out: list[JointScore | None] = [None] * len(requests)
         runs: dict[str, list[int]] = {}
+        tokens: dict[int, tuple[list[int], list[int]]] = {}  # request -> (continuation, label ids)
         for i, r in enumerate(requests):
-            label_ids = [self.tokenize(label, bos=False) for label in r.labels]
-            if any(len(t) != 1 for t in label_ids) or not self.tokenize(r.continuation, bos=False):
+            cont, label_ids = self.tokenize(r.continuation, bos=False), [self.tokenize(label, bos=False) for label in r.labels]
+            if any(len(t) != 1 for t in label_ids) or not cont:
                 out[i] = score_and_label_by_parts(self, prefix, [r])[0]
             else:
                 runs.setdefault(r.context, []).append(i)
+                tokens[i] = (cont, [t[0] for t in label_ids])
         for context, idx in runs.items():
             base = self.tokenize(prefix + context, bos=True)
-            conts = [self.tokenize(requests[i].continuation, bos=False) for i in idx]
+            conts = [tokens[i][0] for i in idx]
             tails = [c + self.tokenize(requests[i].question, bos=False) for i, c in zip(idx, conts)]
             self._check_length(len(base) + max(map(len, tails)))
             wanted = [list(range(len(c))) + [len(t)] for c, t in zip(conts, tails)]
             rows = self._after_context(base, tails, wanted)
-            label_ids = [[self.tokenize(label, bos=False)[0] for label in requests[i].labels] for i in idx]
+            label_ids = [tokens[i][1] for i in idx]
             # per request: one row per continuation token (its target), then the label row (every label)
             targets = [row for c, ids in zip(conts, label_ids) for row in [[t] for t in c] + [ids]]
             flat = self._logprobs_at(torch.cat(rows), targets)
