@@ -31,14 +31,16 @@ SCORE_PAIRS = [
     ("Water boils at", " one hundred degrees Celsius at sea level."),
 ]
 
-# Measured on these pairs with the portable (AVX2) build: max per-token |Δ| 0.069 nat, max |Δ
-# total| 0.069 nat (one token, the last, differs; the rest agree to ~3e-7); with the native
-# AVX-512 build `make` now uses: max per-token 0.20 nat, max |Δ total| 0.31 nat. The difference is batch
-# composition, not a bug: the server evaluates the prompt plus its last token with logits for
-# every row, or reuses rows cached from the previous request, while in-process evaluates only up
-# to the last input, and llama.cpp's CPU matmul kernels on Q4_K weights depend on batch size.
-PER_TOKEN_TOL = 0.3
-TOTAL_TOL = 0.45
+# Both sides run Q4_K weights, and llama.cpp's CPU matmul kernels depend on batch composition:
+# the server evaluates the prompt plus its last token with logits for every row (or reuses rows
+# cached from the previous request), in-process evaluates only up to the last input. Measured on
+# these pairs with the native build `make` uses (AVX-512, no AMX): mean per-token |Δ| 0.077 nat,
+# max 0.44 (" Paris": server -2.40, in-process -2.84, float32 transformers -2.48: the in-process
+# Q4 is the one 0.36 nat off there). A misaligned parse (logprobs shifted by one token) gives a
+# mean |Δ| of 2.3 nat on the same pairs, which the test also checks, so the mean is the
+# discriminating figure and the max only guards against one wild token.
+MEAN_TOKEN_TOL = 0.15
+PER_TOKEN_TOL = 0.8
 # Greedy texts: with the native build the server and in-process runs diverge at a near-tie
 # after ~10 tokens on "The capital of France is" ("... France. It is the largest" vs "... It is
 # the capital"), so the first GREEDY_AGREE tokens must match exactly, not the whole text.
@@ -116,17 +118,19 @@ def test_greedy_generation_matches_in_process(remote, llamacpp):
 
 
 def test_score_matches_in_process(remote, llamacpp):
-    worst_token = worst_total = 0.0
+    deltas, shifted = [], []
     for prefix, continuation in SCORE_PAIRS:
         (served,) = remote.score(prefix, [continuation])
         (local,) = llamacpp.score(prefix, [continuation])
         assert served.tokens == local.tokens
         assert len(served.tokens) >= 7
-        worst_token = max(worst_token, *(abs(a - b) for a, b in zip(served.logprobs, local.logprobs)))
-        worst_total = max(worst_total, abs(served.total - local.total))
-    print(f"server vs in-process: max per-token |Δ| {worst_token:.3g} nat, max |Δ total| {worst_total:.3g} nat")
-    assert worst_token <= PER_TOKEN_TOL
-    assert worst_total <= TOTAL_TOL
+        deltas += [abs(a - b) for a, b in zip(served.logprobs, local.logprobs)]
+        shifted += [abs(a - b) for a, b in zip(served.logprobs[1:], local.logprobs)]
+        assert served.total == pytest.approx(sum(served.logprobs))
+    mean, worst, mean_shifted = sum(deltas) / len(deltas), max(deltas), sum(shifted) / len(shifted)
+    print(f"server vs in-process: mean per-token |Δ| {mean:.3g} nat, max {worst:.3g}; shifted by one: mean {mean_shifted:.3g}")
+    assert mean <= MEAN_TOKEN_TOL < mean_shifted
+    assert worst <= PER_TOKEN_TOL
 
 
 def test_label_logprobs_match_in_process(remote, llamacpp):
