@@ -20,14 +20,14 @@ DIMS = (384, 256, 128, 64)
 
 def per_query_ndcg(model: str, data, task) -> dict[int, list[float]]:
     from gecko.evaluate.encoder import Embedder, Prompts, truncate
-    from gecko.evaluate.metrics import retrieval_per_query
+    from gecko.evaluate.metrics import exact_ranking, ranking_per_query
 
     embedder, style = Embedder(model, progress=False), Prompts(True)
     qids = list(data.queries)
     q = embedder.embed([style.query(data.queries[i], task.prompt) for i in qids])
     d = embedder.embed([style.document(p.title, p.text) for p in data.corpus])
     ids = [p.id for p in data.corpus]
-    return {dim: retrieval_per_query(qids, truncate(q, dim), ids, truncate(d, dim), data.qrels, (10,))["ndcg_at_10"] for dim in DIMS}
+    return {dim: ranking_per_query(exact_ranking(qids, truncate(q, dim), ids, truncate(d, dim), 10), data.qrels, (10,))["ndcg_at_10"] for dim in DIMS}
 
 
 def stsb(run: Path, which: str) -> dict[int, float]:

@@ -23,23 +23,16 @@ def retrieval_scores(
     doc_emb: np.ndarray,
     qrels: dict[str, dict[str, int]],
     k_values=(1, 3, 5, 10, 20, 100, 1000),
-    chunk: int = 256,
 ) -> dict[str, float]:
     """Exact cosine search of every query over the whole corpus, scored against `qrels` (means)."""
-    return _means(retrieval_per_query(query_ids, query_emb, doc_ids, doc_emb, qrels, k_values, chunk))
+    return ranking_scores(exact_ranking(query_ids, query_emb, doc_ids, doc_emb, max(k_values)), qrels, k_values)
 
 
-def retrieval_per_query(
-    query_ids: list[str],
-    query_emb: np.ndarray,
-    doc_ids: list[str],
-    doc_emb: np.ndarray,
-    qrels: dict[str, dict[str, int]],
-    k_values=(1, 3, 5, 10, 20, 100, 1000),
-    chunk: int = 256,
-) -> dict[str, list[float]]:
-    """`retrieval_scores` before averaging: each metric's value per judged query, in qrels order."""
-    top_k = min(max(k_values), len(doc_ids))
+def exact_ranking(
+    query_ids: list[str], query_emb: np.ndarray, doc_ids: list[str], doc_emb: np.ndarray, top_k: int, chunk: int = 256
+) -> dict[str, list[str]]:
+    """Each query's top-k documents by inner product, in pytrec_eval / MTEB order."""
+    top_k = min(top_k, len(doc_ids))
     ranked = {}
     order_ids = np.array(doc_ids, dtype=object)
     for start in range(0, len(query_ids), chunk):
@@ -50,10 +43,10 @@ def retrieval_per_query(
             part = np.tile(np.arange(sims.shape[1]), (sims.shape[0], 1))
         for row, qid in enumerate(query_ids[start : start + chunk]):
             cand = part[row]
-            # pytrec_eval / MTEB order: score descending, ties by document id descending
+            # score descending, ties by document id descending
             items = sorted(zip(sims[row, cand].tolist(), order_ids[cand].tolist()), reverse=True)
             ranked[qid] = [doc for _, doc in items]
-    return ranking_per_query(ranked, qrels, k_values)
+    return ranked
 
 
 def ranking_scores(ranked: dict[str, list[str]], qrels: dict[str, dict[str, int]], k_values) -> dict[str, float]:

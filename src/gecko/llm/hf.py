@@ -13,6 +13,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -40,6 +41,16 @@ BATCH_TOKENS = 2048  # padded prompt tokens per batched prefill forward
 PACK_TOKENS = 512  # tokens of the texts after one context packed into one forward (their masked attention grows with it)
 ALIGN = 64  # the shared prefix kept as a root KV is cut to a multiple of this
 HEAD_ROWS = 128  # output-layer rows at a time: 128 x 262k float32 logits = 128 MiB
+
+
+@dataclass
+class Prefilled:
+    """The prompts one generate call prefilled, kept so a retried prompt is copied, not evaluated again."""
+
+    root: list[int]  # the root tokens the rows start after
+    kv: SlotKV
+    row_of: dict[tuple[int, ...], int]  # prompt tokens -> row of `kv`
+    last_hidden: dict[int, torch.Tensor]  # row -> the prompt's last hidden state
 
 
 def weights_sha256(folder: Path) -> str:
@@ -155,7 +166,7 @@ class TransformersLLM:
         self._root_tokens: list[int] = []
         self._prefix_tokens: list[int] = []
         self._prefix_hint = 0
-        self._prefilled = None  # (root tokens, KV, prompt tokens -> row, row -> last hidden) of the last generate call
+        self._prefilled: Prefilled | None = None  # the last generate call's prompts
         self.evaluated_tokens = 0  # tokens actually run through the model: shows what prefix reuse saves
         self.tokens_in = 0  # prompt tokens of generate calls
         self.tokens_out = 0  # generated tokens
@@ -263,15 +274,15 @@ class TransformersLLM:
         own = [t[root:] for t in encoded]
         kv = self._fork(root, len(encoded), root + max(map(len, own)) + max_tokens)
         last: dict[int, torch.Tensor] = {}
-        previous = self._prefilled if self._prefilled and self._prefilled[0] == self._root_tokens[:root] else None
+        previous = self._prefilled if self._prefilled and self._prefilled.root == self._root_tokens[:root] else None
         todo = []
         for i, tokens in enumerate(encoded):
-            row = previous[2].get(tuple(tokens)) if previous else None
+            row = previous.row_of.get(tuple(tokens)) if previous else None
             if row is None:
                 todo.append(i)
                 continue
-            kv.copy_row(i, previous[1], row, root, len(tokens))
-            last[i] = previous[3][row]
+            kv.copy_row(i, previous.kv, row, root, len(tokens))
+            last[i] = previous.last_hidden[row]
         todo.sort(key=lambda i: len(own[i]))
         rows_of = {i: r for r, i in enumerate(todo)}
         fresh = self._fork(root, len(todo), root + max((len(own[i]) for i in todo), default=1))
@@ -282,7 +293,9 @@ class TransformersLLM:
                 last[todo[r]] = hidden[r - lo, len(own[todo[r]]) - 1]
         for r, i in enumerate(todo):
             kv.copy_row(i, fresh, r, root, len(encoded[i]))
-        self._prefilled = (self._root_tokens[:root], fresh, {tuple(encoded[i]): r for i, r in rows_of.items()}, {r: last[i] for i, r in rows_of.items()})
+        self._prefilled = Prefilled(
+            self._root_tokens[:root], fresh, {tuple(encoded[i]): r for i, r in rows_of.items()}, {r: last[i] for i, r in rows_of.items()}
+        )
         return kv, last
 
     def _root_want(self, tokens: list[int]) -> int:
