@@ -6,7 +6,7 @@ texts, same embedding cache, so nothing is encoded again after the runs' own eva
 judged query, and prints per run and dim: nDCG@10, the change against the base model with a 95%
 paired-bootstrap interval over the 300 test queries, and STS-B Spearman from the run's eval.
 
-    .venv/bin/python benchmarks/quality.py runs/q/main runs/q/p1-none ... [--names p1+pN,p1+none,...]
+    .venv/bin/python benchmarks/quality.py runs/q/main runs/q/p1-none ... [--names p1+pN,p1+none,...] [--versus p1+pN]
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--names", default=None, help="comma-separated labels for the runs")
+    parser.add_argument("--versus", default=None, help="also print each run's Δ against this run (a name), paired over the queries")
     args = parser.parse_args()
     names = args.names.split(",") if args.names else [r.name for r in args.runs]
 
@@ -57,8 +58,9 @@ def main() -> None:
     mean = lambda xs: 100 * sum(xs) / len(xs)  # noqa: E731
     print("| base (all-MiniLM-L6-v2) | " + " | ".join(f"{mean(base[d]):.2f}" for d in DIMS) + " | "
           + " | ".join(f"{100 * base_sts[d]:.2f}" for d in DIMS) + " |")
+    scored = {}
     for name, run in zip(names, args.runs):
-        ours = per_query_ndcg(str(run / "train" / "model"), data, task)
+        ours = scored[name] = per_query_ndcg(str(run / "train" / "model"), data, task)
         sts = stsb(run, "trained")
         cells = []
         for d in DIMS:
@@ -67,6 +69,14 @@ def main() -> None:
         print(f"| {name} | " + " | ".join(cells) + " | " + " | ".join(f"{100 * sts[d]:.2f} ({100 * (sts[d] - base_sts[d]):+.2f})" for d in DIMS) + " |")
     print(f"\n{len(base[DIMS[0]])} SciFact test queries; Δ against the base model with the same prompts; "
           "CI: 10,000 paired bootstrap resamples of the queries.")
+    if args.versus:
+        ref = scored[args.versus]
+        print(f"\n| run | " + " | ".join(f"Δ nDCG@10 {d} vs {args.versus} (95% CI)" for d in DIMS) + " |")
+        print("|---" * (1 + len(DIMS)) + "|")
+        for name, ours in scored.items():
+            if name != args.versus:
+                cis = [paired_bootstrap_ci(ours[d], ref[d]) for d in DIMS]
+                print(f"| {name} | " + " | ".join(f"{mean(ours[d]) - mean(ref[d]):+.2f} ({100 * lo:+.1f}..{100 * hi:+.1f})" for d, (lo, hi) in zip(DIMS, cis)) + " |")
 
 
 if __name__ == "__main__":
