@@ -44,6 +44,10 @@ def main() -> None:
     parser.add_argument("--versus", default=None, help="also print each run's Δ against this run (a name), paired over the queries")
     args = parser.parse_args()
     names = args.names.split(",") if args.names else [r.name for r in args.runs]
+    if len(names) != len(args.runs):
+        parser.error(f"--names gives {len(names)} labels for {len(args.runs)} runs")
+    if args.versus and args.versus not in names:
+        parser.error(f"--versus {args.versus!r} is not one of the runs' names: {', '.join(names)}")
 
     from gecko.evaluate.metrics import paired_bootstrap_ci
     from gecko.evaluate.tasks import load_task_data, resolve_task

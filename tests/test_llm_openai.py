@@ -41,6 +41,8 @@ SCORE_PAIRS = [
 # discriminating figure and the max only guards against one wild token.
 MEAN_TOKEN_TOL = 0.15
 PER_TOKEN_TOL = 0.8
+# The label test keeps its own, tighter limit: measured |Δ| 0.04 (" yes") and 0.12 (" no").
+LABEL_TOL = 0.3
 # Greedy texts: with the native build the server and in-process runs diverge at a near-tie
 # after ~10 tokens on "The capital of France is" ("... France. It is the largest" vs "... It is
 # the capital"), so the first GREEDY_AGREE tokens must match exactly, not the whole text.
@@ -140,7 +142,7 @@ def test_label_logprobs_match_in_process(remote, llamacpp):
     print(f"label logprobs: server {served}, in-process {local}")
     assert served.keys() == local.keys()
     for label in labels:
-        assert served[label] == pytest.approx(local[label], abs=PER_TOKEN_TOL)
+        assert served[label] == pytest.approx(local[label], abs=LABEL_TOL)
 
 
 # --- against the scripted fake ---------------------------------------------------------
