@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 
 from gecko.generate import GenerateConfig, run_generate
-from gecko.llm import CachedLLM, GenerationParams, LLMCache, default_backend, open_backend
+from gecko.llm import CachedLLM, GenerationParams, LLMCache, open_backend
+from gecko.llm.engine import choose_engine
 
 SCIFACT = Path(__file__).resolve().parents[2] / "shared" / "data" / "scifact" / "corpus.jsonl.gz"
 
@@ -40,7 +41,7 @@ class Recorder:
 
 def backend_options(spec: str, threads: int, batch: int) -> dict:
     """Threads (and llama.cpp's decode batch) for the backend named by `spec`."""
-    if spec.startswith("llamacpp") or (spec == "default" and default_backend() == "llamacpp"):
+    if spec.startswith("llamacpp") or (spec == "default" and choose_engine().backend == "llamacpp"):
         return {"n_threads": threads, "max_batch": batch}
     if spec.startswith("transformers") or spec == "default":
         return {"n_threads": threads}

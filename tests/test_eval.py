@@ -25,6 +25,7 @@ from gecko.evaluate import (
     STSTask,
     evaluate,
     load_results,
+    load_task_data,
     resolve_task,
     truncate,
 )
@@ -206,8 +207,6 @@ def test_matryoshka_dims_truncate_and_renormalise(slices, cache):
     # a dim's score is the score of the truncated, re-normalised full embeddings
     from scipy.stats import spearmanr
 
-    from gecko.evaluate.tasks import load_task_data
-
     task = resolve_task("stsb", slices / "stsb")
     data = load_task_data(task)
     res = evaluate(embedder, [task], [384, 32], prompts=False, backend="builtin")
@@ -284,13 +283,14 @@ def test_missing_file_is_named(slices, tmp_path, capsys):
     assert "queries.jsonl" in err
 
 
-def test_qrels_id_absent_from_corpus_is_named(slices, tmp_path, capsys):
+def test_qrels_id_absent_from_corpus_is_named_with_strict(slices, tmp_path, capsys):
     sci = tmp_path / "sci"
     shutil.copytree(slices / "scifact", sci)
     with (sci / "qrels.test.tsv").open("a") as handle:
         handle.write("1\t999999999\t1\n")
-    err = _error(["--task", f"scifact={sci}", "--out", str(tmp_path / "o")], capsys)
-    assert "'999999999'" in err and "not in the corpus" in err and "qrels.test.tsv:" in err
+    err = _error(["--task", f"scifact={sci}", "--strict", "--out", str(tmp_path / "o")], capsys)
+    lines = (sci / "qrels.test.tsv").read_text().count("\n")
+    assert f"qrels.test.tsv:{lines}: corpus id '999999999' is not in the corpus" in err
 
 
 def test_unknown_task_type_is_named(slices, tmp_path, capsys):
@@ -313,6 +313,126 @@ def test_bad_rows_and_dims_are_named(slices, tmp_path, capsys):
     assert "dim 512" in err and "384" in err
     with pytest.raises(EvalError, match="unknown backend"):
         evaluate("default", [f"stsb={slices / 'stsb'}"], backend="nope")
+
+
+# ---------------------------------------------------------------- BEIR folders scored as BEIR / MTEB score them
+
+# Quora-like: each query is a corpus document (same id) whose judged duplicate is another document
+PAIRS = [
+    ("How do I learn Python programming quickly?", "What is the fastest way to learn to program in Python?"),
+    ("Why is the sky blue during the day?", "What makes the daytime sky appear blue?"),
+    ("How can I lose weight without going to the gym?", "What are ways to lose weight at home without exercise equipment?"),
+    ("What is the best way to save money on groceries?", "How do I spend less money when buying food at the supermarket?"),
+    ("How do airplanes stay in the air?", "What keeps a plane flying in the sky?"),
+    ("Which programming language should a beginner learn first?", "What is a good first programming language for beginners?"),
+    ("How do I improve my English speaking skills?", "What is the best way to become fluent in spoken English?"),
+    ("Why do cats purr?", "What is the reason cats make a purring sound?"),
+]
+OTHERS = ["How do I bake sourdough bread at home?", "What is the capital city of Australia?",
+          "How do vaccines train the immune system?", "Is it safe to swim right after eating?"]
+ABSENT = ["gone1", "gone2", "gone3"]  # judged documents the corpus file lacks, as in some of BEIR's qrels
+
+
+@pytest.fixture(scope="module")
+def dupes(tmp_path_factory) -> Path:
+    """A BEIR folder with both properties: query ids that are corpus ids, and qrels naming absent documents
+    (one query, not in the corpus, is judged against an absent document only)."""
+    root = tmp_path_factory.mktemp("beir") / "dupes"
+    root.mkdir()
+    docs = [(f"{i}a", a) for i, (a, _) in enumerate(PAIRS)] + [(f"{i}b", b) for i, (_, b) in enumerate(PAIRS)]
+    docs += [(f"x{i}", t) for i, t in enumerate(OTHERS)]
+    (root / "corpus.jsonl").write_text("".join(json.dumps({"_id": i, "title": "", "text": t}) + "\n" for i, t in docs))
+    queries = [(f"{i}a", a) for i, (a, _) in enumerate(PAIRS)] + [("q-extra", "Where did the missing document go?")]
+    (root / "queries.jsonl").write_text("".join(json.dumps({"_id": i, "text": t}) + "\n" for i, t in queries))
+    qrels = [(f"{i}a", f"{i}b") for i in range(len(PAIRS))] + [("1a", "gone1"), ("2a", "gone2"), ("q-extra", "gone3")]
+    (root / "qrels.test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{d}\t1\n" for q, d in qrels))
+    return root
+
+
+def _protocol(task: RetrievalTask) -> tuple[bool, str]:
+    data = load_task_data(task)
+    return data.ignore_identical_ids, data.identical_ids_rule
+
+
+def test_identical_ids_follow_the_task_then_mteb_then_beir(dupes, slices):
+    assert _protocol(resolve_task("mine", dupes)) == (True, "BEIR's default for a task that does not say")
+    assert _protocol(resolve_task("quora", dupes)) == (True, "as mteb's QuoraRetrieval does")
+    assert _protocol(resolve_task("fiqa", dupes)) == (True, "as mteb's FiQA2018 does")
+    assert _protocol(resolve_task("nq", dupes)) == (False, "as mteb's NQ does")
+    assert _protocol(resolve_task("scifact", dupes)) == (False, "as mteb's SciFact does")  # a known task's MTEB name
+    assert _protocol(RetrievalTask("mine", dupes, ignore_identical_ids=False)) == (False, "as declared")
+    assert _protocol(RetrievalTask("quora", dupes, ignore_identical_ids=False)) == (False, "as declared")
+    assert _protocol(resolve_task("scifact", slices / "scifact")) == (False, "no query id is a corpus id")
+    data = load_task_data(resolve_task("mine", dupes))
+    assert data.query_ids_in_corpus == len(PAIRS) and len(data.queries) == len(PAIRS) + 1
+    assert [doc for _, doc in data.absent] == ABSENT and data.qrels["q-extra"] == {"gone3": 1}  # kept, not dropped
+    with pytest.raises(EvalError, match=r"qrels.test.tsv:10: corpus id 'gone1' is not in the corpus"):
+        load_task_data(RetrievalTask("mine", dupes, strict=True))
+
+
+def test_the_fallback_table_is_mteb_s(monkeypatch):
+    from gecko.evaluate import mteb_backend
+    from gecko.evaluate.tasks import MTEB_IGNORE_IDENTICAL_IDS, mteb_ignore_identical_ids
+
+    if mteb_backend.available():
+        theirs = mteb_backend.ignore_identical_ids_by_task()
+        assert {name: theirs[name] for name in MTEB_IGNORE_IDENTICAL_IDS} == MTEB_IGNORE_IDENTICAL_IDS
+        assert mteb_ignore_identical_ids("TRECDL2019") == ("TRECDL2019", True)  # beyond the table
+    monkeypatch.setattr(mteb_backend, "available", lambda: False)
+    assert mteb_ignore_identical_ids("quora") == ("QuoraRetrieval", True)
+    assert mteb_ignore_identical_ids("webis-touche2020") == ("Touche2020", False)
+    assert mteb_ignore_identical_ids("CQADupstack-Android") == ("CQADupstackAndroidRetrieval", False)
+    assert mteb_ignore_identical_ids("mine") is None
+
+
+def test_beir_folder_scores_match_mteb(dupes, cache):
+    """Both properties at once, each identical-ids choice: the built-in scorer gives mteb's own numbers."""
+    pytest.importorskip("mteb")
+    embedder = Embedder("default", cache_dir=cache, progress=False)
+    main_scores = {}
+    for choice in (None, False):
+        task = f"mine={dupes}"
+        ours = evaluate(embedder, task, prompts=False, backend="builtin", ignore_identical_ids=choice).task("mine")
+        theirs = evaluate(embedder, task, prompts=False, backend="mteb", ignore_identical_ids=choice).task("mine")
+        assert ours.protocol == theirs.protocol and ours.protocol["ignore_identical_ids"] is (choice is None)
+        a, b = ours.scores[384], theirs.scores[384]
+        common = {k for k in a if k in b and isinstance(a[k], float)}
+        assert {"ndcg_at_10", "map_at_100", "recall_at_10", "precision_at_1", "mrr_at_10", "hit_rate_at_1"} <= common
+        for k in sorted(common):
+            assert a[k] == pytest.approx(b[k], abs=1e-5), (choice, k, a[k], b[k])  # mteb rounds to 5 places
+        main_scores[choice] = a["ndcg_at_10"]
+    # a query's own document first costs a lot; the absent documents keep even the best ranking below 1
+    assert main_scores[False] + 0.2 < main_scores[None] < 1.0
+
+
+def test_cli_reports_and_records_the_beir_rules(dupes, cache, tmp_path, capsys):
+    args = ["--task", f"mine={dupes}", "--no-prompts", "--backend", "builtin", "--cache-dir", str(cache), "--no-progress"]
+    rc, _, err = _run([*args, "--out", str(tmp_path / "auto")], capsys)
+    assert rc == 0, err
+    lines = [line for line in err.splitlines() if line.startswith("gecko eval: task mine:")]
+    assert len(lines) == 2, err
+    assert f"{len(PAIRS)} of {len(PAIRS) + 1} query ids are also corpus ids" in lines[0] and "left out" in lines[0]
+    assert "BEIR's default" in lines[0]
+    assert f"{dupes / 'qrels.test.tsv'}: 3 qrels line(s) name documents absent from the corpus" in lines[1]
+    assert "'gone1' (10)" in lines[1] and "--strict" in lines[1]
+    auto = json.loads((tmp_path / "auto" / "results.json").read_text())["tasks"][0]
+    assert auto["protocol"]["ignore_identical_ids"] is True and auto["protocol"]["query_ids_in_corpus"] == len(PAIRS)
+    assert auto["protocol"]["qrels_absent_from_corpus"] == {"file": str(dupes / "qrels.test.tsv"), "count": 3, "first": ABSENT}
+    assert load_results(tmp_path / "auto").task("mine").protocol == auto["protocol"]
+    rc, _, err = _run([*args, "--ignore-identical-ids", "no", "--out", str(tmp_path / "no")], capsys)
+    assert rc == 0 and "kept in its ranking (as declared" in err
+    kept = json.loads((tmp_path / "no" / "results.json").read_text())["tasks"][0]
+    assert kept["protocol"]["ignore_identical_ids"] is False
+    assert kept["main_score"]["384"] < auto["main_score"]["384"]
+    err = _error([*args, "--strict", "--out", str(tmp_path / "strict")], capsys)
+    assert f"{dupes / 'qrels.test.tsv'}:10: corpus id 'gone1' is not in the corpus" in err
+
+
+def test_scifact_has_no_identical_ids_so_the_reference_rows_are_untouched(shared_data):
+    data = load_task_data(resolve_task("scifact", shared_data / "scifact"))
+    assert data.query_ids_in_corpus == 0 and not data.absent
+    assert (data.ignore_identical_ids, data.identical_ids_rule) == (False, "no query id is a corpus id")
+    assert data.notes("scifact") == []
 
 
 # ---------------------------------------------------------------- full reference check

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
-from gecko.llm import default_backend, open_backend
+from gecko.llm import open_backend
+from gecko.llm.engine import choose_engine
 from gecko.llm.base import GenerationParams, JointRequest, score_and_label_by_parts
-from gecko.llm.hf import TransformersLLM, fast_bf16_cpu
+from gecko.llm.hf import TransformersLLM
 from gecko.llm.llamacpp import LlamaCppLLM
 from gecko.models import default_gguf_path
 
@@ -275,11 +278,30 @@ def test_a_retried_prompt_is_not_evaluated_again(hf):
     assert retried == hf.generate(prompts[1:], GenerationParams(max_tokens=6, temperature=0.9, seed=2))
 
 
-def test_default_backend_is_chosen_by_the_cpu_and_can_be_overridden(monkeypatch):
-    monkeypatch.delenv("GECKO_LLM_BACKEND", raising=False)
-    assert default_backend() == ("transformers" if fast_bf16_cpu() or torch.cuda.is_available() else "llamacpp")
+def test_default_engine_is_measured_cached_and_can_be_overridden(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("GECKO_HOME", str(tmp_path))
+    monkeypatch.setattr("gecko.llm.engine._announced", False)
+    for name in ("GECKO_LLM_BACKEND", "GECKO_LLM_DTYPE"):
+        monkeypatch.delenv(name, raising=False)
+    choice = choose_engine(threads=1)
+    saved = json.loads((tmp_path / "engine.json").read_text())
+    assert saved["choice"]["backend"] == choice.backend and "bf16 matmul" in choice.reason
+    if not torch.cuda.is_available():
+        assert (choice.backend == "transformers") == (choice.dtype == "bfloat16")
+    # cached: a second choice measures nothing (a calibration that would fail is never called)
+    monkeypatch.setattr("gecko.llm.engine.measure_bf16_speedup", lambda *a, **k: 1 / 0)
+    assert choose_engine(threads=1) == choice
+    # the identity the pipeline records names the engine that runs
+    from gecko.pipeline.run import llm_identity
+
+    assert llm_identity("default").startswith(choice.backend + ":")
     monkeypatch.setenv("GECKO_LLM_BACKEND", "llamacpp")
     assert open_backend("default", n_threads=1).identity.startswith("llamacpp:")
+    assert "LLM engine llamacpp (GECKO_LLM_BACKEND)" in capsys.readouterr().err
+    assert llm_identity("default").startswith("llamacpp:")
+    monkeypatch.setenv("GECKO_LLM_BACKEND", "transformers")
+    monkeypatch.setenv("GECKO_LLM_DTYPE", "float32")
+    assert choose_engine().dtype == "float32" and llm_identity("default").endswith(":float32")
     monkeypatch.setenv("GECKO_LLM_BACKEND", "vllm")
     with pytest.raises(ValueError, match="GECKO_LLM_BACKEND"):
         open_backend("default")

@@ -21,7 +21,8 @@ import psutil  # noqa: E402  (a dependency of ray)
 import torch  # noqa: E402
 
 from gecko.generate import GenerateConfig, run_generate  # noqa: E402
-from gecko.llm import default_backend, load_llm  # noqa: E402
+from gecko.llm import load_llm
+from gecko.llm.engine import choose_engine  # noqa: E402
 from gecko.relabel import RelabelConfig, load_generated, run_relabel  # noqa: E402
 from gecko.retrieve import RetrieveConfig  # noqa: E402
 from gecko.scale import RayConfig, ScaleError, run_generate_ray, run_relabel_ray  # noqa: E402
@@ -127,7 +128,7 @@ def test_generate_on_ray_survives_killed_actors_with_the_local_records(cluster, 
     summary = outcome["summary"]
     assert manifest["records"] == summary.accepted == local_summary.accepted
     assert [s["records"] for s in manifest["shards"]] == [2] * (summary.accepted // 2) + [1] * (summary.accepted % 2)
-    assert manifest["stage"] == "generate" and manifest["llm"].startswith(default_backend() + ":") and manifest["duplicate_results_dropped"] == 0
+    assert manifest["stage"] == "generate" and manifest["llm"].startswith(choose_engine().backend + ":") and manifest["duplicate_results_dropped"] == 0
     assert (summary.passages, summary.passages_with_query, summary.rejected, summary.llm_calls, summary.tokens_out) == (
         6, local_summary.passages_with_query, local_summary.rejected, local_summary.llm_calls, local_summary.tokens_out)
     # every call is in the driver's cache, under the local engine's keys (the killed batches' calls came again)

@@ -34,6 +34,7 @@ from gecko.relabel import (
     parse_weights,
     ranks,
     run_relabel,
+    run_rerank_eval,
     select_negatives,
 )
 from gecko.relabel.run import GeneratedRecord
@@ -114,6 +115,21 @@ def test_build_example_picks_p1_by_rrf_and_pN_as_negative():
     # with the seed allowed as a negative, the lowest fused candidate is taken
     ex2, _, _ = build_example(RECORD, _entry(rows), PASSAGES, RelabelConfig(fusion="rrf", seed_not_negative=False))
     assert ex2.negative_id == "p0"
+
+
+def test_false_negative_guard_keeps_near_positive_candidates_out_of_the_negatives():
+    rows = _rows(ql=[-2, -1, -3, -5, -4], rc=[0] * 5)  # QL order p1 p0 p2 p4 p3; retriever 0.9 .. 0.5
+    plain, _, _ = build_example(RECORD, _entry(rows), PASSAGES, RelabelConfig(fusion="ql"))
+    assert plain.negative_id == "p3" and plain.likely_false_negatives == []
+    # above 0.7 x the positive's 0.8: p2 (0.7) and p3 (0.6); the seed p0 is excluded anyway
+    guarded, _, _ = build_example(RECORD, _entry(rows), PASSAGES, RelabelConfig(fusion="ql", false_negative_ratio=0.7))
+    assert guarded.negative_id == "p4" and guarded.likely_false_negatives == ["p2", "p3"]
+    teacher, _, _ = build_example(RECORD, _entry(rows), PASSAGES, RelabelConfig(fusion="ql", false_negative_ql_margin=2.5))
+    assert teacher.likely_false_negatives == ["p2"] and teacher.negative_id == "p3"
+    none, reason, _ = build_example(RECORD, _entry(rows), PASSAGES, RelabelConfig(fusion="ql", false_negative_ratio=0.5))
+    assert none is None and reason == "no_negative"
+    with pytest.raises(ValueError, match="false_negative_ratio"):
+        RelabelConfig(false_negative_ratio=1.5)
 
 
 def test_default_fusion_is_rrf_over_ql_and_the_retriever():
@@ -295,6 +311,52 @@ def test_joint_scores_on_llamacpp_equal_separate_prompts_with_fewer_tokens(llama
         assert abs(a.rc() - b.rc()) <= 0.15
     assert joint[0].ql_sum > joint[1].ql_sum  # the relevant query is the likelier one
     assert joint_tokens * 4 < naive_tokens, (joint_tokens, naive_tokens)
+
+
+# ---------------------------------------------------------------- rerank-eval on a BEIR folder
+
+
+def _quora_like(root: Path) -> Path:
+    """Queries that are corpus documents (same id), each judged against its duplicate; one qrels line
+    names a document the corpus lacks."""
+    pairs = [("How do airplanes stay in the air?", "What keeps a plane flying in the sky?"),
+             ("Why do cats purr?", "What is the reason cats make a purring sound?"),
+             ("How do I learn Python quickly?", "What is the fastest way to learn to program in Python?"),
+             ("Why is the sky blue during the day?", "What makes the daytime sky appear blue?")]
+    others = ["How do I bake sourdough bread at home?", "What is the capital city of Australia?",
+              "How do vaccines train the immune system?"]
+    docs = [(f"{i}a", a) for i, (a, _) in enumerate(pairs)] + [(f"{i}b", b) for i, (_, b) in enumerate(pairs)]
+    docs += [(f"x{i}", t) for i, t in enumerate(others)]
+    root.mkdir()
+    (root / "corpus.jsonl").write_text("".join(json.dumps({"_id": i, "title": "", "text": t}) + "\n" for i, t in docs))
+    (root / "queries.jsonl").write_text("".join(json.dumps({"_id": f"{i}a", "text": a}) + "\n" for i, (a, _) in enumerate(pairs)))
+    qrels = [(f"{i}a", f"{i}b") for i in range(len(pairs))] + [("1a", "gone")]
+    (root / "qrels.test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{d}\t1\n" for q, d in qrels))
+    return root
+
+
+def test_rerank_eval_ranks_a_beir_folder_by_the_rules_of_eval(tmp_path, capsys):
+    from gecko.evaluate import EvalError, evaluate
+
+    folder = _quora_like(tmp_path / "dupes")
+    retrieve = RetrieveConfig(query_format="{query}", cache_dir=str(tmp_path / "emb"))
+    auto = run_rerank_eval(folder, CountingLLM(), top_n=10, retrieve=retrieve, progress=False)
+    err = capsys.readouterr().err
+    assert "gecko rerank-eval: task dupes: 4 of 4 query ids are also corpus ids" in err and "left out" in err
+    assert "1 qrels line(s) name documents absent from the corpus (first: 'gone' (6))" in err
+    protocol = auto.config["protocol"]
+    assert protocol["ignore_identical_ids"] is True and protocol["qrels_absent_from_corpus"]["count"] == 1
+    assert auto.pairs == 4 * 10  # each query still has 10 candidates, its own document not among them
+    assert auto.precision_at_1["retriever"] == 1.0
+    # the retriever's order is `gecko eval`'s ranking of the same folder (absent document in the ideal ranking)
+    scored = evaluate("default", f"dupes={folder}", prompts=False, backend="builtin", cache_dir=tmp_path / "emb", progress=False)
+    assert auto.ndcg_at_10["retriever"] == pytest.approx(scored.task("dupes").main_score(384), abs=1e-6)
+    assert auto.ndcg_at_10["retriever"] < 1.0
+    kept = run_rerank_eval(folder, CountingLLM(), top_n=10, retrieve=retrieve, progress=False, ignore_identical_ids=False)
+    assert kept.config["protocol"]["ignore_identical_ids"] is False
+    assert kept.precision_at_1["retriever"] == 0.0  # each query's own document comes first
+    with pytest.raises(EvalError, match=r"qrels.test.tsv:6: corpus id 'gone' is not in the corpus"):
+        run_rerank_eval(folder, CountingLLM(), top_n=10, retrieve=retrieve, progress=False, strict=True)
 
 
 # ---------------------------------------------------------------- real runs on a SciFact slice

@@ -126,6 +126,43 @@ def test_loss_matches_the_paper_formula_on_hand_made_embeddings():
                                                   every_rows_negatives=True), rel=1e-5)
 
 
+def test_listwise_term_is_kl_of_teacher_over_student_on_scored_texts():
+    from gecko.train.loss import ListwiseDistillLoss
+
+    g = torch.Generator().manual_seed(1)
+    q, p, n1, c1, c2 = (torch.randn(3, 8, generator=g) for _ in range(5))
+    nan = float("nan")
+    # row 0: all scored; row 1: c2 is padding; row 2: one scored text only (no KL term)
+    teacher = torch.tensor([[-3.0, -9.0, -5.0, -4.0], [-2.0, -6.0, -1.0, nan], [-1.0, nan, nan, nan]])
+    labels = torch.cat([torch.tensor([[1.0], [1.0], [0.0]]), teacher], dim=1)
+    inner = GeckoLoss(torch.nn.Identity(), temperature=0.1, negatives_in_label=True)
+    loss = ListwiseDistillLoss(torch.nn.Identity(), inner, weight=0.5, teacher_temperature=2.0, negatives=1)
+    got = float(loss.kl(q, [p, n1, c1, c2], teacher))
+
+    def cos(a, b):
+        return float(a @ b / (a.norm() * b.norm()))
+
+    expected = []
+    for i, texts in ((0, [p, n1, c1, c2]), (1, [p, n1, c1])):
+        r = [float(x) / 2.0 for x in teacher[i, : len(texts)]]
+        s = [cos(q[i], t[i]) / 0.1 for t in texts]
+        pr = [math.exp(x) / sum(math.exp(y) for y in r) for x in r]
+        log_q = [x - math.log(sum(math.exp(y) for y in s)) for x in s]
+        expected.append(sum(a * (math.log(a) - b) for a, b in zip(pr, log_q)))
+    assert got == pytest.approx(sum(expected) / 2, rel=1e-5)
+    # forward: the Gecko loss on (query, positive, negative) plus weight x that KL
+    class Lookup(torch.nn.Module):
+        def forward(self, features):
+            return {"sentence_embedding": features["x"]}
+
+    lookup = Lookup()
+    inner = GeckoLoss(lookup, temperature=0.1, negatives_in_label=True, bucketed=False)
+    loss = ListwiseDistillLoss(lookup, inner, weight=0.5, teacher_temperature=2.0, negatives=1)
+    contrastive = float(inner.compute_loss_from_embeddings([q, p, n1], labels[:, 0].long()))
+    total = float(loss([{"x": t} for t in (q, p, n1, c1, c2)], labels))
+    assert total == pytest.approx(contrastive + 0.5 * sum(expected) / 2, rel=1e-5)
+
+
 def test_same_tower_and_hard_negatives_change_the_loss_as_expected():
     # two orthogonal queries; each positive is its own query direction, so without negatives the loss is small
     q = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
@@ -372,6 +409,44 @@ def test_train_from_minilm_with_pretraining_and_matryoshka(scifact_examples, sha
     assert not (out / ".train").exists()  # checkpoints removed after a finished run
     with pytest.raises(ValueError, match="finished training run"):
         train(config)
+
+
+def test_train_with_listwise_distillation_from_relabeled_candidates(shared_data, tmp_path):
+    """Relabel-format rows with scored candidates + their corpus: the KL term runs in a real run."""
+    docs = {}
+    for line in gzip.open(shared_data / "scifact" / "corpus.jsonl.gz", "rt"):
+        doc = json.loads(line)
+        docs[doc["_id"]] = doc
+        if len(docs) == 40:
+            break
+    ids = list(docs)
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(docs[i]) + "\n" for i in ids))
+    rows = []
+    for n in range(16):
+        cands = [ids[(n + j * 7) % len(ids)] for j in range(6)]
+        rows.append({"id": f"q{n}", "task": "search result", "query": docs[cands[0]]["title"],
+                     "positive": docs[cands[0]]["text"], "positive_title": docs[cands[0]]["title"],
+                     "negative": docs[cands[-1]]["text"], "negative_title": docs[cands[-1]]["title"],
+                     "candidates": [{"id": c, "rank": r + 1, "fused": 1 / (r + 1), "ql": -5.0 - r, "retriever_score": 0.5}
+                                    for r, c in enumerate(cands)]})
+    data = tmp_path / "relabeled.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    source = load_source(DataSpec(str(data), corpus=str(corpus)))
+    example = source.examples[0]
+    assert len(example.candidates) == 6 and example.candidates[0][0] == example.positive
+    dataset, _, negatives = _build_datasets(build_mixture([source]), homogeneous=False, hard_negatives="own", seed=0,
+                                            listwise=4, teacher="ql")
+    assert negatives == 1 and dataset.column_names == ["anchor", "positive", "negative_1", "candidate_1", "candidate_2", "label"]
+    assert dataset[0]["label"][:3] == [1.0, -5.0, -10.0]  # count, QL of p_1, QL of p_6
+    out = tmp_path / "model"
+    with pytest.raises(TrainError, match="candidates"):
+        train(TrainConfig(data=[DataSpec(str(data))], out=str(out), steps=1, batch_size=8, distill_weight=1.0, progress=False))
+    config = TrainConfig(data=[DataSpec(str(data), corpus=str(corpus))], out=str(tmp_path / "model2"), steps=2, batch_size=8,
+                         max_seq_length=64, distill_weight=1.0, distill_list=4, progress=False)
+    train(config)
+    fine = json.loads((tmp_path / "model2" / "training.json").read_text())["stages"][-1]
+    assert "KL(teacher ql || student) over 4 candidates" in fine["loss"]["formula"] and fine["loss"]["distill_weight"] == 1.0
 
 
 def _events(out: Path) -> list[dict]:

@@ -117,7 +117,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         return 2
     options = dict(
         prompts=not args.no_prompts, backend=args.backend, cache_dir=args.cache_dir, device=args.device,
-        batch_size=args.batch_size, progress=not args.no_progress,
+        batch_size=args.batch_size, progress=not args.no_progress, **_beir_options(args),
     )
     try:
         # a previous run is read first (a bad path fails fast); a baseline model is scored after ours
@@ -132,6 +132,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     print(results.table(baseline))
     print("\n".join(f"{kind}: {path}" for kind, path in paths.items()))
     return 0
+
+
+def _beir_options(args: argparse.Namespace) -> dict:
+    from gecko.evaluate.tasks import IDENTICAL_IDS
+
+    return {"ignore_identical_ids": IDENTICAL_IDS[args.ignore_identical_ids], "strict": args.strict}
 
 
 def _relabel_score_config(args: argparse.Namespace):
@@ -169,6 +175,7 @@ def _cmd_relabel(args: argparse.Namespace) -> int:
         config = RelabelConfig(
             **fusion, top_n=args.top_n, positive=args.positive, negative=args.negative, n_negatives=args.negatives,
             seed=args.seed, drop_easy_margin=args.drop_easy_margin, query_chunk=args.query_chunk,
+            false_negative_ratio=args.false_negative_ratio, false_negative_ql_margin=args.false_negative_ql_margin,
             score=_relabel_score_config(args), retrieve=retrieve,
         )
         if args.engine == "ray":
@@ -201,7 +208,7 @@ def _cmd_rerank_eval(args: argparse.Namespace) -> int:
         score = _relabel_score_config(args)
         llm = load_llm(args.llm)
         result = run_rerank_eval(args.dataset, llm, top_n=args.top_n, limit=args.limit, split=args.split, score=score,
-                                 retrieve=retrieve, progress=not args.summary_json)
+                                 retrieve=retrieve, progress=not args.summary_json, **_beir_options(args))
     except CorpusError:
         raise
     except (ValueError, EvalError) as err:
@@ -231,7 +238,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
             "mini_batch_size": args.mini_batch_size, "save_steps": args.save_steps, "logging_steps": args.logging_steps,
             "seed": args.seed, "eval_tasks": args.eval_task, "eval_baseline": True if args.eval_baseline else None,
             "device": args.device, "precision": args.precision, "keep_checkpoints": True if args.keep_checkpoints else None,
+            "distill_weight": args.distill_weight, "distill_teacher": args.distill_teacher,
+            "distill_temperature": args.distill_temperature, "distill_list": args.distill_list,
         }
+        if args.corpus and given["data"]:
+            for spec in given["data"]:
+                spec.corpus = spec.corpus or args.corpus
         fields.update({k: v for k, v in given.items() if v is not None})
         if args.pretrain_data:
             fields["pretrain"] = StageConfig(data=[DataSpec.parse(d) for d in args.pretrain_data], steps=args.pretrain_steps,
@@ -347,7 +359,17 @@ def build_parser() -> argparse.ArgumentParser:
                      help="start the run as its own process (outlives the shell; log in RUN_DIR/run.log) and return")
     run.set_defaults(func=_cmd_run)
 
-    ev = commands.add_parser("eval", help="MTEB-style scores at each Matryoshka dim, with a report")
+    from gecko.evaluate.tasks import IDENTICAL_IDS, RetrievalTask
+
+    beir = argparse.ArgumentParser(add_help=False)  # how a BEIR folder is scored: eval and rerank-eval
+    beir.add_argument("--ignore-identical-ids", choices=list(IDENTICAL_IDS),
+                      default=next(k for k, v in IDENTICAL_IDS.items() if v is RetrievalTask.ignore_identical_ids),
+                      help="leave a query's own document (same id) out of its ranking; auto (default): as mteb's task of "
+                      "that name, else yes when query ids occur in the corpus (BEIR's default)")
+    beir.add_argument("--strict", action="store_true", default=RetrievalTask.strict,
+                      help="refuse qrels that name documents absent from the corpus (default: report them and score "
+                      "them as pytrec_eval does)")
+    ev = commands.add_parser("eval", parents=[beir], help="MTEB-style scores at each Matryoshka dim, with a report")
     ev.add_argument("--model", default=DEFAULT, help="embedder folder (sentence-transformers), or default = packaged all-MiniLM-L6-v2")
     ev.add_argument("--task", action="append", required=True, metavar="NAME[:TYPE]=PATH",
                     help="repeatable; known names: scifact, stsb, sts12..sts16, banking77; others are typed from the folder "
@@ -392,6 +414,10 @@ def build_parser() -> argparse.ArgumentParser:
     rl.add_argument("--negative", choices=["last", "random"], default="last", help="hard negative: rank N, or a random one of ranks 2..N")
     rl.add_argument("--negatives", type=int, default=1, help="hard negatives per example")
     rl.add_argument("--seed", type=int, default=0, help="for --negative random")
+    rl.add_argument("--false-negative-ratio", type=float, default=None,
+                    help="never a negative: a candidate the retriever scores above this share of the positive's score (e.g. 0.95)")
+    rl.add_argument("--false-negative-ql-margin", type=float, default=None,
+                    help="never a negative: a candidate whose QL is within this many nats of the positive's")
     rl.add_argument("--drop-easy-margin", type=float, default=None,
                     help="drop examples whose seed the base retriever ranks first by at least this cosine margin (off by default)")
     rl.add_argument("--index", choices=["flat", "ivf", "ivfpq"], default="flat", help="flat: exact inner product; ivf / ivfpq: approximate")
@@ -403,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     rl.add_argument("--limit", type=int, default=None, help="only the first N generated queries")
     rl.set_defaults(func=_cmd_relabel)
 
-    rr = commands.add_parser("rerank-eval", parents=[pair],
+    rr = commands.add_parser("rerank-eval", parents=[pair, beir],
                              help="nDCG@10 of the retriever vs re-ranked by QL / RC / RRF on a BEIR dataset")
     rr.add_argument("--dataset", required=True, help="BEIR folder (corpus.jsonl[.gz], queries.jsonl[.gz], qrels)")
     rr.add_argument("--split", default="test")
@@ -432,6 +458,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--homogeneous", action="store_true", help="every batch from one data source")
     tr.add_argument("--examples-per-epoch", type=int, default=None, help="rescale the weighted mixture to this many")
     tr.add_argument("--mini-batch-size", type=int, default=None, help="GradCache: embed this many rows at a time (large batches)")
+    tr.add_argument("--corpus", default=None, help="the corpus of relabeled --data: gives the listwise term every candidate's text")
+    tr.add_argument("--distill-weight", type=float, default=None,
+                    help="weight of the listwise KL(LLM teacher || student) term over each query's candidates (default 0: off)")
+    tr.add_argument("--distill-teacher", choices=["ql", "fused", "retriever"], default=None, help="the teacher's score (default ql)")
+    tr.add_argument("--distill-temperature", type=float, default=None, help="the teacher's softmax temperature (default 1)")
+    tr.add_argument("--distill-list", type=int, default=None, help="texts per query in the KL term (default 8)")
     tr.add_argument("--pretrain-data", action="append", metavar="[NAME=]PATH[:WEIGHT]",
                     help="repeatable: pre-finetuning stage on pairs, in-batch negatives only, before fine-tuning")
     tr.add_argument("--pretrain-steps", type=int, default=None)
@@ -488,9 +520,24 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--ray-address and --actors need --engine ray")
     try:
         return args.func(args)
-    except (CorpusError, LLMError, FileNotFoundError) as err:
+    except (CorpusError, LLMError, FileNotFoundError, ValueError) as err:  # bad input: settings, files, specs
         print(f"gecko: error: {err}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as err:
+        print(f"gecko: error: {missing_module_message(err.name or str(err))}", file=sys.stderr)
+        return 2
+
+
+# optional extras of pyproject.toml, by the top-level module each brings
+EXTRAS = {"mteb": "mteb", "ray": "ray"}
+
+
+def missing_module_message(module: str) -> str:
+    """One line naming what to install for a module this install lacks."""
+    top = module.split(".")[0]
+    if top in EXTRAS:
+        return f"this needs the optional '{EXTRAS[top]}' extra (module {top!r} is not installed): pip install 'gecko[{EXTRAS[top]}]'"
+    return f"module {top!r} is not installed; reinstall gecko (pip install -e .) to get its dependencies"
 
 
 if __name__ == "__main__":

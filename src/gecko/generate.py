@@ -59,6 +59,9 @@ class GenerateConfig:
             raise ValueError(f"unknown task type(s) {unknown}; known: {sorted(TASK_TYPES)}")
         if self.prompt_style not in GENERATE_PROMPTS:
             raise ValueError(f"unknown prompt style {self.prompt_style!r}; known: {sorted(GENERATE_PROMPTS)}")
+        for name in ("per_passage", "max_attempts", "max_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
 
 
 @dataclass
@@ -181,10 +184,13 @@ class _Slot:
 
 
 def _plan_slots(passage: Passage, config: GenerateConfig) -> list[_Slot]:
+    """Each slot of a passage draws a task type no other slot of it has (until all are used), so
+    several queries per passage differ in kind, not only in sampling."""
     rng = random.Random(derive_seed(config.seed, passage.id, "plan"))
-    slots = []
+    slots: list[_Slot] = []
     for index in range(config.per_passage):
-        task_type = rng.choice(config.task_types)
+        used = {s.task_type for s in slots[index - index % len(config.task_types):]}  # this round's
+        task_type = rng.choice([t for t in config.task_types if t not in used])
         slots.append(_Slot(passage, index, task_type, rng.choice(TASK_TYPES[task_type].descriptions)))
     return slots
 

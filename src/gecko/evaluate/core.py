@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import platform
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +18,7 @@ from gecko.evaluate.encoder import Embedder, Prompts, truncate
 from gecko.evaluate.tasks import (
     ClassificationTask,
     EvalError,
+    RetrievalData,
     RetrievalTask,
     STSTask,
     Task,
@@ -41,6 +44,7 @@ class TaskScores:
     sizes: dict
     scores: dict[int, dict] = field(default_factory=dict)
     evaluation_time: float = 0.0
+    protocol: dict = field(default_factory=dict)  # retrieval: identical ids and absent qrels, as `RetrievalData.protocol`
 
     def main_score(self, dim: int) -> float | None:
         entry = self.scores.get(dim)
@@ -56,6 +60,7 @@ class TaskScores:
             "mteb_task": self.mteb_task,
             "prompts": self.prompts,
             "sizes": self.sizes,
+            **({"protocol": self.protocol} if self.protocol else {}),
             "evaluation_time": round(self.evaluation_time, 3),
             "main_score": {str(d): s.get("main_score") for d, s in self.scores.items()},
             "scores": {str(d): s for d, s in self.scores.items()},
@@ -74,6 +79,7 @@ class TaskScores:
             sizes=data.get("sizes", {}),
             scores={int(d): s for d, s in data.get("scores", {}).items()},
             evaluation_time=data.get("evaluation_time", 0.0),
+            protocol=data.get("protocol", {}),
         )
 
 
@@ -136,14 +142,17 @@ class Results:
         return write_report(self, out_dir, baseline)
 
 
-def as_tasks(tasks) -> list[Task]:
-    """Tasks from Task objects, `NAME=PATH` strings or a {name: path} mapping."""
+def as_tasks(tasks, **retrieval) -> list[Task]:
+    """Tasks from Task objects, `NAME=PATH` strings or a {name: path} mapping; `retrieval` sets
+    those `RetrievalTask` fields on every retrieval task (None leaves a field as the task has it)."""
     if isinstance(tasks, (str, Task)):
         tasks = [tasks]
     if isinstance(tasks, dict):
         out = [resolve_task(name, path) for name, path in tasks.items()]
     else:
         out = [t if isinstance(t, Task) else parse_task_spec(t) for t in tasks]
+    given = {k: v for k, v in retrieval.items() if v is not None}
+    out = [dataclasses.replace(t, **given) if given and isinstance(t, RetrievalTask) else t for t in out]
     if not out:
         raise EvalError("no tasks given")
     names = [t.name for t in out]
@@ -164,6 +173,8 @@ def evaluate(
     device: str | None = None,
     batch_size: int = 64,
     progress: bool = True,
+    ignore_identical_ids: bool | None = None,
+    strict: bool | None = None,
 ) -> Results:
     """Score `model` on `tasks` at each of `dims` (default: its full dimension).
 
@@ -172,6 +183,8 @@ def evaluate(
     `backend`: `mteb` (MTEB's own evaluators on our local data), `builtin` (`gecko.evaluate.metrics`,
     same definitions, no `mteb` needed), or `auto` (mteb when installed). All data is loaded and
     validated before anything is embedded; embeddings come from the on-disk cache when present.
+    `ignore_identical_ids` / `strict`: override those `RetrievalTask` fields of every retrieval task
+    (None: as each task says); what applied is printed (one line each) and kept in `protocol`.
     """
     if backend not in BACKENDS:
         raise EvalError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
@@ -179,8 +192,12 @@ def evaluate(
         backend = "mteb" if mteb_backend.available() else "builtin"
     elif backend == "mteb" and not mteb_backend.available():
         raise EvalError("backend 'mteb' needs the mteb package: pip install 'gecko[mteb]'")
-    task_list = as_tasks(tasks)
+    task_list = as_tasks(tasks, ignore_identical_ids=ignore_identical_ids, strict=strict)
     loaded = [(task, load_task_data(task)) for task in task_list]
+    for task, data in loaded:
+        if isinstance(data, RetrievalData):
+            for line in data.notes(task.name):
+                print(f"gecko eval: {line}", file=sys.stderr)
     embedder = model if isinstance(model, Embedder) else Embedder(
         str(model), device=device, cache_dir=cache_dir, batch_size=batch_size, progress=progress
     )
@@ -210,6 +227,7 @@ def evaluate(
             mteb_task=task.mteb_name,
             prompts={**style.describe(task.prompt, symmetric=not isinstance(task, RetrievalTask)), "task": task.prompt if prompts else None},
             sizes=_sizes(data),
+            protocol=data.protocol() if isinstance(data, RetrievalData) else {},
         )
         if backend == "mteb":
             for dim in dim_list:
@@ -252,7 +270,9 @@ def _builtin(task: Task, data, embedder: Embedder, style: Prompts, dims: list[in
         d = embedder.embed([style.document(p.title, p.text) for p in data.corpus], f"{task.name} documents")
         doc_ids = [p.id for p in data.corpus]
         for dim in dims:
-            out[dim] = metrics.retrieval_scores(qids, truncate(q, dim), doc_ids, truncate(d, dim), data.qrels, task.k_values)
+            out[dim] = metrics.retrieval_scores(
+                qids, truncate(q, dim), doc_ids, truncate(d, dim), data.qrels, task.k_values, data.ignore_identical_ids
+            )
     elif isinstance(task, STSTask):
         e1 = embedder.embed([style.query(t, task.prompt) for t in data.sentence1], f"{task.name} texts")
         e2 = embedder.embed([style.query(t, task.prompt) for t in data.sentence2], f"{task.name} texts")

@@ -23,9 +23,16 @@ def retrieval_scores(
     doc_emb: np.ndarray,
     qrels: dict[str, dict[str, int]],
     k_values=(1, 3, 5, 10, 20, 100, 1000),
+    ignore_identical_ids: bool = False,
 ) -> dict[str, float]:
-    """Exact cosine search of every query over the whole corpus, scored against `qrels` (means)."""
-    return ranking_scores(exact_ranking(query_ids, query_emb, doc_ids, doc_emb, max(k_values)), qrels, k_values)
+    """Exact cosine search of every query over the whole corpus, scored against `qrels` (means).
+
+    `ignore_identical_ids` drops a query's own document from its top-k afterwards, as mteb does
+    (so that query's ranking is one shorter when its document was in the top-k)."""
+    ranked = exact_ranking(query_ids, query_emb, doc_ids, doc_emb, max(k_values))
+    if ignore_identical_ids:
+        ranked = {qid: [doc for doc in docs if doc != qid] for qid, docs in ranked.items()}
+    return ranking_scores(ranked, qrels, k_values)
 
 
 def exact_ranking(

@@ -42,6 +42,15 @@ def version() -> str | None:
         return None
 
 
+@functools.lru_cache(maxsize=1)
+def ignore_identical_ids_by_task() -> dict[str, bool]:
+    """mteb's `ignore_identical_ids` of each retrieval task it defines, by task name."""
+    from mteb.abstasks.retrieval import AbsTaskRetrieval
+    from mteb.get_tasks import TASK_LIST
+
+    return {cls.metadata.name: bool(cls.ignore_identical_ids) for cls in TASK_LIST if issubclass(cls, AbsTaskRetrieval)}
+
+
 @functools.lru_cache(maxsize=None)
 def _task_class(mteb_name: str):
     import mteb
@@ -95,7 +104,7 @@ def local_task(task: Task, data):
             evaluator_model=LogisticRegression(max_iter=task.max_iter),
         )
     if isinstance(task, RetrievalTask):
-        attrs["k_values"] = tuple(task.k_values)
+        attrs.update(k_values=tuple(task.k_values), ignore_identical_ids=data.ignore_identical_ids)
     cls = type(f"Local{base.__name__}", (base,), attrs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

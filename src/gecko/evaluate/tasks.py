@@ -4,7 +4,10 @@ A task is a small frozen dataclass (name, path, split, prompt, ...) whose class 
 type and main metric, in the style of MTEB's task classes:
 
 * `RetrievalTask`: a BEIR folder (corpus.jsonl[.gz], queries.jsonl[.gz], qrels.{split}.tsv or
-  qrels/{split}.tsv); main score nDCG@10.
+  qrels/{split}.tsv); main score nDCG@10. Scored as BEIR / MTEB score it: a query's own document
+  (same id) is left out of its ranking when the task says so, when mteb's task of that name does, or
+  (BEIR's default) when an undeclared folder's query ids occur in its corpus; qrels naming documents
+  the corpus lacks are kept (pytrec_eval counts them in the ideal ranking) and reported.
 * `STSTask`: `{split}.tsv` with header `sentence1<TAB>sentence2<TAB>score[...]`, no quoting;
   main score Spearman correlation of cosine similarity with the gold score.
 * `ClassificationTask`: `train.csv` and `{split}.csv` with header `text,category` (or `label`);
@@ -21,12 +24,22 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from gecko.corpus import CorpusError, Passage, load_beir
+from gecko.corpus import (
+    CorpusError,
+    Passage,
+    _documents,
+    _Fields,
+    _first_existing,
+    _jsonl_records,
+    _qrels_rows,
+    load_corpus,
+)
 
 
 class EvalError(ValueError):
@@ -70,6 +83,10 @@ class RetrievalTask(Task):
     type: ClassVar[str] = "retrieval"
     main_metric: ClassVar[str] = "ndcg_at_10"
     k_values: tuple[int, ...] = (1, 3, 5, 10, 20, 100, 1000)  # MTEB's
+    # leave a query's own document (same id) out of its ranking; None: decide from the name and data
+    ignore_identical_ids: bool | None = None
+    # refuse qrels that name a document the corpus lacks (default: score them as pytrec_eval does)
+    strict: bool = False
 
 
 @dataclass(frozen=True)
@@ -111,6 +128,45 @@ KNOWN_TASKS: dict[str, KnownTask] = {
     **{f"sts{n}": KnownTask(STSTask, f"STS{n}", "sentence similarity") for n in (12, 13, 14, 15, 16)},
     "banking77": KnownTask(ClassificationTask, "Banking77Classification", "classification"),
 }
+
+
+# command-line words for `RetrievalTask.ignore_identical_ids`
+IDENTICAL_IDS: dict[str, bool | None] = {"auto": None, "yes": True, "no": False}
+
+# mteb's `ignore_identical_ids` for BEIR's tasks (mteb 2.26), used when mteb is not installed;
+# with mteb installed its task classes are read instead (`mteb_backend.ignore_identical_ids_by_task`).
+MTEB_IGNORE_IDENTICAL_IDS: dict[str, bool] = {
+    **dict.fromkeys(("ArguAna", "FEVER", "FiQA2018", "MSMARCO", "QuoraRetrieval"), True),
+    **dict.fromkeys(
+        ("ClimateFEVER", "DBPedia", "HotpotQA", "NFCorpus", "NQ", "SCIDOCS", "SciFact", "Touche2020", "TRECCOVID")
+        + tuple(
+            f"CQADupstack{forum}Retrieval"
+            for forum in ("Android", "English", "Gaming", "Gis", "Mathematica", "Physics", "Programmers", "Stats", "Tex",
+                          "Unix", "Webmasters", "Wordpress")
+        ),
+        False,
+    ),
+}
+# BEIR folder names that do not normalise to their MTEB task's name
+BEIR_FOLDERS = {"fiqa": "FiQA2018", "dbpedia-entity": "DBPedia", "webis-touche2020": "Touche2020"}
+
+
+def _normal(name: str) -> str:
+    """`QuoraRetrieval`, `quora` and `Quora-Retrieval` alike: lower case, alphanumerics, no `retrieval` suffix."""
+    key = re.sub(r"[^a-z0-9]", "", name.lower())
+    return key.removesuffix("retrieval") or key
+
+
+def mteb_ignore_identical_ids(name: str) -> tuple[str, bool] | None:
+    """(mteb task, its `ignore_identical_ids`) for a task named like an MTEB retrieval task, else None."""
+    from gecko.evaluate import mteb_backend
+
+    table = mteb_backend.ignore_identical_ids_by_task() if mteb_backend.available() else MTEB_IGNORE_IDENTICAL_IDS
+    name = BEIR_FOLDERS.get(name.lower(), name)
+    if name in table:
+        return name, table[name]
+    matches = [n for n in table if _normal(n) == _normal(name)]
+    return (matches[0], table[matches[0]]) if len(matches) == 1 else None
 
 
 def resolve_task(name: str, path, *, type: str | None = None, split: str | None = None) -> Task:
@@ -180,6 +236,39 @@ class RetrievalData:
     corpus: list[Passage]
     queries: dict[str, str]
     qrels: dict[str, dict[str, int]]
+    ignore_identical_ids: bool = False
+    identical_ids_rule: str = ""  # why `ignore_identical_ids` is what it is
+    query_ids_in_corpus: int = 0  # judged queries whose id is also a document id
+    qrels_file: str = ""
+    absent: list[tuple[str, str]] = field(default_factory=list)  # (file:line, id) of qrels naming no corpus document
+
+    def protocol(self) -> dict:
+        """How the ranking was scored, for results files."""
+        return {
+            "ignore_identical_ids": self.ignore_identical_ids,
+            "identical_ids_rule": self.identical_ids_rule,
+            "query_ids_in_corpus": self.query_ids_in_corpus,
+            "qrels_absent_from_corpus": {
+                "file": self.qrels_file, "count": len(self.absent), "first": [doc for _, doc in self.absent[:3]]
+            },
+        }
+
+    def notes(self, name: str) -> list[str]:
+        """One line for each departure from a plain BEIR folder, for the user to see before scoring."""
+        out = []
+        if self.query_ids_in_corpus:
+            verb = "left out of" if self.ignore_identical_ids else "kept in"
+            out.append(
+                f"task {name}: {self.query_ids_in_corpus} of {len(self.queries)} query ids are also corpus ids; "
+                f"each query's own document is {verb} its ranking ({self.identical_ids_rule}; --ignore-identical-ids yes/no to choose)"
+            )
+        if self.absent:
+            first = ", ".join(f"{doc!r} ({loc.rsplit(':', 1)[1]})" for loc, doc in self.absent[:3])
+            out.append(
+                f"task {name}: {self.qrels_file}: {len(self.absent)} qrels line(s) name documents absent from the corpus "
+                f"(first: {first}); scored as pytrec_eval scores them (they stay in the ideal ranking); --strict refuses them"
+            )
+        return out
 
 
 @dataclass
@@ -213,10 +302,45 @@ def load_task_data(task: Task):
 
 
 def _load_retrieval(task: RetrievalTask) -> RetrievalData:
-    data = load_beir(task.path, task.split)
-    if not data.qrels:
+    """The judged queries of a BEIR folder, its corpus and qrels; unlike `gecko.corpus.load_beir`,
+    qrels naming a document the corpus lacks are kept (as BEIR and mteb keep them) unless `strict`."""
+    root = task.path
+    corpus, _ = load_corpus(_first_existing(root, ["corpus.jsonl", "corpus.jsonl.gz"]))
+    queries_path = _first_existing(root, ["queries.jsonl", "queries.jsonl.gz"])
+    records = _documents(_jsonl_records(queries_path), _Fields(("_id", "id"), "title", "text"), False, None)
+    all_queries = {qid: text for qid, _, text in records}
+    qrels_path = _first_existing(root, [f"qrels.{task.split}.tsv", f"qrels/{task.split}.tsv"])
+    doc_ids = {p.doc_id for p in corpus}
+    qrels: dict[str, dict[str, int]] = {}
+    absent = []
+    for loc, (qid, docid, score) in _qrels_rows(qrels_path):
+        if qid not in all_queries:
+            raise CorpusError(f"{loc}: query id {qid!r} is not in {queries_path.name}")
+        if docid not in doc_ids:
+            if task.strict:
+                raise CorpusError(f"{loc}: corpus id {docid!r} is not in the corpus")
+            absent.append((loc, docid))
+        qrels.setdefault(qid, {})[docid] = score
+    if not qrels:
         raise EvalError(f"task {task.name}: {task.path}: qrels for split {task.split!r} judge no query")
-    return RetrievalData(data.corpus, data.queries, data.qrels)
+    in_corpus = sum(1 for qid in qrels if qid in doc_ids)
+    ignore, rule = identical_ids_rule(task, in_corpus)
+    return RetrievalData(
+        corpus, {qid: all_queries[qid] for qid in qrels}, qrels, ignore, rule, in_corpus, str(qrels_path), absent
+    )
+
+
+def identical_ids_rule(task: RetrievalTask, query_ids_in_corpus: int) -> tuple[bool, str]:
+    """(leave a query's own document out of its ranking?, why): as declared, else moot when no query
+    id is a corpus id, else as mteb's task of that name, else BEIR's default (leave it out)."""
+    if task.ignore_identical_ids is not None:
+        return task.ignore_identical_ids, "as declared"
+    if not query_ids_in_corpus:
+        return False, "no query id is a corpus id"
+    mteb = mteb_ignore_identical_ids(task.mteb_name or task.name)
+    if mteb is not None:
+        return mteb[1], f"as mteb's {mteb[0]} does"
+    return True, "BEIR's default for a task that does not say"
 
 
 def _require(path: Path, task: Task) -> Path:

@@ -1,7 +1,7 @@
 """LLM backends behind one protocol, chosen by a spec string.
 
-Specs: `default` (packaged Gemma 3 270M on llama.cpp), `llamacpp:PATH.gguf|default`,
-`openai:http://host:port/v1#model`, `transformers:DIR|FILE.gguf|default`.
+Specs: `default` (packaged Gemma 3 270M on the engine this machine runs fastest),
+`llamacpp:PATH.gguf|default`, `openai:http://host:port/v1#model`, `transformers:DIR|FILE.gguf|default`.
 """
 
 from __future__ import annotations
@@ -12,6 +12,9 @@ from pathlib import Path
 from gecko.llm.base import LLM, ContinuationScore, GenerationParams, LabelScores, LLMError
 from gecko.llm.cache import CachedLLM, LLMCache
 from gecko.models import DEFAULT, gecko_home
+
+SPEC_KINDS = ("llamacpp", "openai", "transformers")
+SPEC_HELP = "default, llamacpp:PATH.gguf|default, openai:URL#MODEL or transformers:DIR|FILE.gguf|default"
 
 __all__ = [
     "LLM",
@@ -27,10 +30,17 @@ __all__ = [
 
 
 def open_backend(spec: str = DEFAULT, **options) -> LLM:
-    """The raw backend named by `spec`, without the cache."""
-    kind, _, target = spec.partition(":")
+    """The raw backend named by `spec`, without the cache. `default` runs on the engine this
+    machine runs fastest (gecko.llm.engine), said once on stderr."""
+    kind, target = parse_spec(spec)
     if spec == DEFAULT:
-        kind, target = default_backend(), DEFAULT
+        from gecko.llm.engine import announce, choose_engine
+
+        choice = choose_engine(options.get("n_threads"))
+        announce(choice)
+        kind = choice.backend
+        if choice.dtype:
+            options.setdefault("dtype", choice.dtype)
     if kind == "llamacpp":
         from gecko.llm.llamacpp import LlamaCppLLM
 
@@ -40,30 +50,19 @@ def open_backend(spec: str = DEFAULT, **options) -> LLM:
 
         base_url, _, model = target.partition("#")
         return OpenAILLM(base_url, model or None, **options)
-    if kind == "transformers":
-        from gecko.llm.hf import TransformersLLM
+    from gecko.llm.hf import TransformersLLM
 
-        return TransformersLLM(target or DEFAULT, **options)
-    raise ValueError(f"unknown LLM spec {spec!r}: expected default, llamacpp:PATH, openai:URL#MODEL or transformers:DIR")
+    return TransformersLLM(target or DEFAULT, **options)
 
 
-def default_backend() -> str:
-    """The backend `default` runs the packaged Gemma 3 270M on: transformers in bfloat16 where the
-    CPU multiplies bf16 in hardware (2.3x llama.cpp's generate throughput measured side by side on
-    such a CPU, benchmarks/RESULTS.md), llama.cpp's Q4 kernels everywhere else. GECKO_LLM_BACKEND
-    (llamacpp | transformers) overrides the choice."""
-    chosen = os.environ.get("GECKO_LLM_BACKEND")
-    if chosen:
-        if chosen not in ("llamacpp", "transformers"):
-            raise ValueError(f"GECKO_LLM_BACKEND must be llamacpp or transformers, not {chosen!r}")
-        return chosen
-    import torch
-
-    if torch.cuda.is_available():
-        return "transformers"
-    from gecko.llm.hf import fast_bf16_cpu
-
-    return "transformers" if fast_bf16_cpu() else "llamacpp"
+def parse_spec(spec: str) -> tuple[str, str]:
+    """(kind, target) of an LLM spec; an unknown kind is an LLMError naming the accepted ones."""
+    if spec == DEFAULT:
+        return DEFAULT, DEFAULT
+    kind, _, target = spec.partition(":")
+    if kind not in SPEC_KINDS:
+        raise LLMError(f"unknown LLM spec {spec!r}: expected {SPEC_HELP}")
+    return kind, target
 
 
 def load_llm(spec: str = DEFAULT, cache: str | Path | None = None, use_cache: bool = True, **options) -> LLM:

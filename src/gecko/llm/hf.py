@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from gecko.llm import slots
+from gecko.llm.engine import default_dtype
 from gecko.llm.llamacpp import free_cores
 from gecko.llm.base import (
     ContinuationScore,
@@ -109,16 +110,6 @@ def batches(items: list[int], lengths: list[int]) -> list[list[int]]:
     return groups
 
 
-def fast_bf16_cpu() -> bool:
-    """Whether this CPU multiplies bfloat16 in AMX tiles.
-
-    On this project's Xeon with AMX a bf16 matrix product ran 3.1x the float32 one (256 vs 83
-    GFLOP/s on one core), which makes this backend faster than llama.cpp's Q4 kernels there.
-    CPUs without AMX are not measured, so they keep float32 (and llama.cpp as the default).
-    """
-    return bool(getattr(getattr(torch, "cpu", None), "_is_amx_tile_supported", lambda: False)())
-
-
 class TransformersLLM:
     def __init__(
         self,
@@ -133,7 +124,7 @@ class TransformersLLM:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if self.device.type == "cpu":  # torch's threads spin like llama.cpp's: never more than the free cores
             torch.set_num_threads(n_threads or int(os.environ.get("GECKO_LLM_THREADS", 0)) or free_cores())
-        dtype = dtype or ("bfloat16" if self.device.type == "cuda" or fast_bf16_cpu() else "float32")
+        dtype = dtype or default_dtype(self.device.type, torch.get_num_threads())
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
         if path.is_file() and path.suffix == ".gguf":

@@ -78,9 +78,14 @@ class TrainStage:
     settings: dict = field(default_factory=dict)  # TrainConfig fields other than TRAIN_OWN
     data: tuple[DataSpec, ...] = ()
     weight: float = 1.0
+    # the label-free check (gecko.pipeline.holdout): this share of the seed passages' queries is
+    # never trained on and is scored before/after in eval (at most holdout_max queries; 0: none)
+    holdout: float = 0.05
+    holdout_max: int = 500
 
-    def train_config(self, examples: Path, out: Path, *, resume: bool, progress: bool) -> TrainConfig:
-        data = [DataSpec(str(examples), weight=self.weight, name="fret", kind="examples"), *self.data]
+    def train_config(self, examples: Path, corpus: str, out: Path, *, resume: bool, progress: bool) -> TrainConfig:
+        """`corpus`: where the relabeled candidates' texts are (for the listwise distillation term)."""
+        data = [DataSpec(str(examples), weight=self.weight, name="fret", kind="examples", corpus=corpus), *self.data]
         return TrainConfig(data=data, out=str(out), resume=resume, progress=progress, **self.settings)
 
 
@@ -133,7 +138,8 @@ class PipelineConfig:
         g, r, t, e = self.generate, self.relabel, self.train, self.eval
         out["generate"] = {**plain_data(g.config), "corpus": g.corpus, "limit": g.limit, "lenient": g.lenient}
         out["relabel"] = {**plain_data(r.config), "limit": r.limit}
-        out["train"] = {**plain_data(t.settings), "data": [plain_data(d) for d in t.data], "weight": t.weight}
+        out["train"] = {**plain_data(t.settings), "data": [plain_data(d) for d in t.data], "weight": t.weight,
+                        "holdout": t.holdout, "holdout_max": t.holdout_max}
         out["eval"] = {**plain_data(e), "tasks": {x.name: {k: v for k, v in plain_data(x).items() if k != "name"} for x in e.tasks}}
         return out
 
@@ -325,7 +331,7 @@ def _build(raw: dict) -> PipelineConfig:
     rel = _validate(RelabelStage, {"config": rel_config, "limit": relabel.get("limit")}, "relabel")
 
     train_fields = _field_names(TrainConfig) - set(TRAIN_OWN)
-    _check_keys(train, train_fields | {"data", "weight"}, "train.", nested=TrainConfig)
+    _check_keys(train, train_fields | {"data", "weight", "holdout", "holdout_max"}, "train.", nested=TrainConfig)
     specs = _data_specs(train.get("data"), "train.data")
     settings = {k: v for k, v in train.items() if k in train_fields}
     if isinstance(settings.get("pretrain"), dict):
@@ -336,7 +342,12 @@ def _build(raw: dict) -> PipelineConfig:
         raise _KeyProblem("train.weight", f"must be >= 0, got {weight}")
     # a whole TrainConfig, with a stand-in for the relabel output, checks types and ranges now
     checked = _validate(TrainConfig, {**settings, "data": [{"path": "relabeled.jsonl", "weight": weight}, *specs], "out": "."}, "train")
-    stage = TrainStage(settings={k: getattr(checked, k) for k in sorted(train_fields)}, data=tuple(specs), weight=weight)
+    holdout = _validate(float, train.get("holdout", TrainStage.holdout), "train.holdout")
+    if not 0 <= holdout <= 0.5:
+        raise _KeyProblem("train.holdout", f"must be a share in [0, 0.5], got {holdout}")
+    holdout_max = _validate(int, train.get("holdout_max", TrainStage.holdout_max), "train.holdout_max")
+    stage = TrainStage(settings={k: getattr(checked, k) for k in sorted(train_fields)}, data=tuple(specs), weight=weight,
+                       holdout=holdout, holdout_max=holdout_max)
 
     tasks = _task_mapping(ev.pop("tasks", None) or {}, "eval.tasks")
     _check_keys(ev, _field_names(EvalStage) - {"tasks"}, "eval.")

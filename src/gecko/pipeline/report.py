@@ -37,6 +37,24 @@ def before_after_table(results, baseline=None) -> str:
     return "\n".join(lines)
 
 
+def holdout_lines(results, baseline) -> list[str]:
+    """The label-free check's verdict: did training help on generated queries it never saw?"""
+    rows = [r for r in before_after_rows(results, baseline) if r["task"] == "holdout" and r["delta"] is not None]
+    if not rows:
+        return []
+    worse = [r for r in rows if r["delta"] < 0]
+    others = [t.task for t in results.tasks if t.task != "holdout"]
+    lines = ["", "**Label-free check** (`holdout`): generated queries of seed passages kept out of training, their "
+             "relabeled positive as the relevant passage. " + (
+                 f"**Warning: the trained model is worse than its base there at dim {', '.join(str(r['dim']) for r in worse)} "
+                 f"(Δ {', '.join(format(r['delta'], '+.2f') for r in worse)}): the fine-tune did not help on this corpus.**"
+                 if worse else f"The trained model beats its base there at every dim (Δ {rows[0]['delta']:+.2f} at {rows[0]['dim']}).")]
+    lines.append("Synthetic queries come from the same LLM and prompts as the training data, so they overstate quality; "
+                 + (f"the real tasks ({', '.join(others)}) are the numbers to trust." if others else
+                    "add a labelled task to `eval.tasks` for numbers to trust."))
+    return lines
+
+
 def max_abs_delta(results, baseline) -> float | None:
     deltas = [abs(r["delta"]) for r in before_after_rows(results, baseline) if r["delta"] is not None]
     return max(deltas) if deltas else None
@@ -132,6 +150,7 @@ def write_report(run_dir: Path, config: PipelineConfig, runs, results, baseline)
         sizes = ", ".join(f"{k} {v}" for k, v in task.sizes.items())
         lines.append(f"- {task.task}: {task.type}, split {task.split}, {sizes}; scored by {results.backend}, "
                      f"prompts {'on' if results.prompts else 'off'}")
+    lines += holdout_lines(results, baseline)
     lines += ["", "![score vs dim](eval/trained/score_vs_dim.png)", "",
               "Full tables: `eval/trained/results.md` (with the Δ column), `eval/base/results.md`; "
               "raw scores in `results.json` beside them."]

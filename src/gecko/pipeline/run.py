@@ -32,6 +32,7 @@ from typing import Callable
 import yaml
 
 from gecko.journal import write_json_atomic, write_text_atomic
+from gecko.llm import parse_spec
 from gecko.models import DEFAULT
 from gecko.pipeline.config import PipelineConfig, plain_data
 from gecko.pipeline.report import before_after_rows, before_after_table, write_report
@@ -80,12 +81,17 @@ def content_hash(path: Path) -> str:
 
 
 def llm_identity(spec: str) -> str:
-    """What the LLM's outputs depend on: the model file's hash where there is one, else the spec."""
-    kind, _, target = spec.partition(":")
-    if spec == DEFAULT or (kind == "llamacpp" and target in ("", DEFAULT)):
+    """What the LLM's outputs depend on, named without loading it: the engine `default` runs on
+    here with its dtype and the model file's hash; a local model's content hash; else the spec."""
+    kind, target = parse_spec(spec)
+    if target in ("", DEFAULT) and kind in (DEFAULT, "llamacpp", "transformers"):
+        from gecko.llm.engine import choose_engine, default_dtype
         from gecko.models import default_gguf_path, file_sha256
 
-        return "llamacpp:" + file_sha256(default_gguf_path())
+        sha = file_sha256(default_gguf_path())
+        if kind == DEFAULT:
+            kind = choose_engine().backend
+        return f"llamacpp:{sha}" if kind == "llamacpp" else f"transformers:{sha}:{default_dtype(None)}"
     if kind in ("llamacpp", "transformers") and Path(target).exists():
         return f"{kind}:{content_hash(Path(target))}"
     return spec
@@ -309,29 +315,35 @@ def _train_plan(ctx: _Context):
         "base": embedder_identity(st.settings.get("base", DEFAULT)),
         "data": [_without_path(d) for d in st.data],
         "weight": st.weight,
+        "holdout": [st.holdout, st.holdout_max],
     }
+    inputs["corpus"] = ctx.config.corpus  # the held-out check's corpus, the listwise term's candidate texts
     return config, inputs
 
 
 def _train_run(ctx: _Context, directory: Path, resume: bool):
+    from gecko.pipeline.holdout import split_holdout
     from gecko.train import train
 
+    st = ctx.config.train
     model = directory / "model"
     if not (model / ".train" / "config.json").is_file() and model.exists():
         shutil.rmtree(model)  # killed before its first state was saved: nothing to resume
-    config = ctx.config.train.train_config(ctx.run_dir / "relabel" / "relabeled.jsonl", model, resume=resume,
-                                           progress=ctx.progress)
+    split = split_holdout(ctx.run_dir / "relabel" / "relabeled.jsonl", ctx.config.corpus, directory, st.holdout, st.holdout_max)
+    config = st.train_config(split.train, ctx.config.corpus, model, resume=resume, progress=ctx.progress)
     train(config)
     record = json.loads((model / "training.json").read_text(encoding="utf-8"))
     last = record["stages"][-1]
-    counts = {"steps": last["steps"], "mixture": last["mixture"], "dims": last["loss"]["matryoshka_dims"]}
+    counts = {"steps": last["steps"], "mixture": last["mixture"], "dims": last["loss"]["matryoshka_dims"],
+              "held_out_queries": split.held_out}
     losses = [e["loss"] for e in last["log_history"] if "loss" in e]
     summary = {"stages": [{k: s[k] for k in ("name", "steps", "examples", "seconds", "examples_per_s", "resumed_from", "mixture")}
                           for s in record["stages"]],
                "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None}
     text = (f"trained {last['steps']} steps on {sum(last['mixture'].values())} examples ({last['mixture']}), "
             f"loss {' -> '.join(f'{v:.3f}' for v in losses[:1] + losses[-1:])}; model: {model}")
-    return {"model": model}, counts, summary, text
+    outputs = {"model": model} | ({"holdout": split.folder / "qrels" / "test.tsv"} if split.folder else {})
+    return outputs, counts, summary, text
 
 
 def _eval_plan(ctx: _Context):
@@ -343,7 +355,15 @@ def _eval_plan(ctx: _Context):
     }
     inputs = {"model": ctx.run_dir / "train" / "model"}
     inputs.update({f"task.{t.name}": t.path for t in st.tasks})
+    if (_holdout_folder(ctx) / "qrels").is_dir():
+        inputs["task.holdout"] = _holdout_folder(ctx) / "qrels"
     return config, inputs
+
+
+def _holdout_folder(ctx: _Context) -> Path:
+    from gecko.pipeline.holdout import TASK_NAME
+
+    return ctx.run_dir / "train" / TASK_NAME
 
 
 def _eval_run(ctx: _Context, directory: Path, resume: bool):
@@ -353,6 +373,10 @@ def _eval_run(ctx: _Context, directory: Path, resume: bool):
     model = ctx.run_dir / "train" / "model"
     dims = list(st.dims) if st.dims else json.loads((model / "training.json").read_text())["stages"][-1]["loss"]["matryoshka_dims"]
     tasks = [t.resolve() for t in st.tasks]
+    if (_holdout_folder(ctx) / "qrels").is_dir():
+        from gecko.evaluate.tasks import resolve_task
+
+        tasks.append(resolve_task("holdout", _holdout_folder(ctx), type="retrieval"))
     options = dict(prompts=st.prompts, backend=st.backend, cache_dir=st.cache_dir, device=st.device,
                    batch_size=st.batch_size, progress=ctx.progress)
     trained = evaluate(str(model), tasks, dims, **options)

@@ -4,10 +4,14 @@ On a BEIR dataset: retrieve the top-N of each judged query with the embedder, sc
 (query, candidate) pair with the LLM, and report nDCG@10 of the retriever's order against the
 orders by QL, by RC, by RRF(QL, RC) and by weighted RRF with the retriever (the paper's
 Appendix A: retriever 51.3 -> +QL 52.8 / +RC 54.1 / +RRF 56.8 on BEIR with a large LLM).
+The dataset is read and scored by `gecko eval`'s rules (`gecko.evaluate.tasks`): a query's own
+document is left out of its candidates where that applies, and qrels naming documents the corpus
+lacks stay in the ideal ranking.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -15,8 +19,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from gecko.corpus import load_beir
+from gecko.evaluate.core import as_tasks
 from gecko.evaluate.metrics import paired_bootstrap_ci, ranking_scores
+from gecko.evaluate.tasks import load_task_data, resolve_task
 from gecko.llm.base import LLM
 from gecko.relabel.fusion import fuse, ranks, spearman
 from gecko.relabel.scoring import PairScore, PairScorer, ScoreConfig
@@ -99,25 +104,38 @@ def run_rerank_eval(
     score: ScoreConfig = ScoreConfig(),
     retrieve: RetrieveConfig = RetrieveConfig(query_format="{query}"),
     progress: bool = True,
+    ignore_identical_ids: bool | None = None,
+    strict: bool | None = None,
 ) -> RerankEvalResult:
     """nDCG@10 of the retriever alone and re-ranked by QL / RC / fusions over its top-N.
 
     `limit` keeps the first N judged queries (in qrels order) to bound the LLM's cost.
+    `ignore_identical_ids` / `strict`: as `gecko eval`'s (`RetrievalTask`; None: its rule, the task
+    named after the folder); a query whose own document is left out still gets N candidates.
     """
     times: dict[str, float] = {}
     start = time.perf_counter()
-    data = load_beir(dataset, split=split)
+    (task,) = as_tasks(
+        resolve_task(Path(dataset).name, dataset, type="retrieval", split=split),
+        ignore_identical_ids=ignore_identical_ids, strict=strict,
+    )
+    data = load_task_data(task)
+    for line in data.notes(task.name):
+        print(f"gecko rerank-eval: {line}", file=sys.stderr)
     qids = list(data.qrels)[: limit if limit is not None else None]
     times["load_s"] = time.perf_counter() - start
 
     retriever = Retriever(data.corpus, retrieve, progress=progress)
     q_emb = retriever.embed_queries([retrieve.query_text("", data.queries[q]) for q in qids])
-    scores, idx = retriever.search(q_emb, top_n)
+    scores, idx = retriever.search(q_emb, top_n + 1 if data.ignore_identical_ids else top_n)
     times.update(encode_corpus_s=retriever.times.encode_corpus_s, index_s=retriever.times.index_s,
                  encode_queries_s=retriever.times.encode_queries_s, search_s=retriever.times.search_s)
 
     # pairs grouped by passage: a passage retrieved by several queries is evaluated once
-    cands = {q: [int(i) for i in row if i >= 0] for q, row in zip(qids, idx)}
+    cands = {
+        q: [int(i) for i in row if i >= 0 and not (data.ignore_identical_ids and data.corpus[i].doc_id == q)][:top_n]
+        for q, row in zip(qids, idx)
+    }
     by_passage: dict[int, list[str]] = {}
     for q in qids:
         for i in cands[q]:
@@ -194,5 +212,5 @@ def run_rerank_eval(
         query_ids=qids,
         per_query_ndcg_at_10=per_query,
         config={"llm": getattr(llm, "identity", "?"), "score": {**asdict(score), "prompt_id": score.prompt.id},
-                "retrieve": asdict(retrieve), "split": split, "limit": limit},
+                "retrieve": asdict(retrieve), "split": split, "limit": limit, "protocol": data.protocol()},
     )

@@ -55,6 +55,11 @@ class RelabelConfig:
     seed: int = 0  # for negative="random"
     seed_not_negative: bool = True  # the seed passage is never a negative (it is relevant by construction)
     drop_easy_margin: float | None = None  # drop examples the retriever already gets right by this margin
+    # false-negative guard: never take as a negative a candidate the retriever scores above this
+    # share of the positive's score (NV-Retriever's positive-aware threshold, TopK-PercPos), or whose
+    # QL is within this many nats of the positive's (the teacher's view); None: off
+    false_negative_ratio: float | None = None
+    false_negative_ql_margin: float | None = None
     # queries retrieved and scored together: a passage retrieved by several queries of one chunk
     # is evaluated by the LLM once for all of them, so bigger chunks share more; memory per chunk
     # is a few hundred bytes per query (its top-N ids, scores and LLM scores)
@@ -73,6 +78,8 @@ class RelabelConfig:
             raise ValueError(f"unknown negative method {self.negative!r}; known: {', '.join(NEGATIVE_METHODS)}")
         if self.n_negatives < 1:
             raise ValueError("n_negatives must be at least 1")
+        if self.false_negative_ratio is not None and not 0 < self.false_negative_ratio <= 1:
+            raise ValueError("false_negative_ratio must be in (0, 1]")
         if self.fusion == "weighted":
             parse_weights(self.weights)
         needs = {"rrf": ("ql", "rc"), "ql": ("ql",), "rc": ("rc",)}.get(self.fusion, ())
@@ -114,6 +121,7 @@ class RelabelExample:
     negative_title: str | list[str]
     negative_ids: list[str]
     positive_changed: bool
+    likely_false_negatives: list[str]  # candidates the false-negative guard kept from being negatives
     positive_retriever_rank: int | None  # None: the seed passage (positive="seed") was not retrieved
     seed_rank: int | None  # the seed passage's rank under the base retriever; None: not in the top-N
     seed_score: float
@@ -128,6 +136,7 @@ class RelabelSummary:
     examples: int = 0
     skipped: Counter = field(default_factory=Counter)
     positive_changed: int = 0
+    likely_false_negatives: int = 0  # candidates kept from being negatives by the false-negative guard
     seed_rank: dict = field(default_factory=dict)
     seed_margin: dict = field(default_factory=dict)
     scores: dict = field(default_factory=dict)
@@ -157,6 +166,8 @@ class RelabelSummary:
             f"queries: {self.queries}, examples written: {self.examples}"
             + (f", skipped: {dict(self.skipped)}" if self.skipped else ""),
             f"positive changed (p_1 != seed): {self.positive_changed} ({self.positive_changed_rate:.1%}; the paper saw ~15%)",
+            f"likely false negatives kept out of the negatives: {self.likely_false_negatives}"
+            + ("" if self.config.get("false_negative_ratio") or self.config.get("false_negative_ql_margin") else " (guard off)"),
             "seed rank under the base retriever: " + ", ".join(f"{k}: {v}" for k, v in self.seed_rank.items()),
             f"seed score margin (seed - best other): {q(self.seed_margin)}",
         ]
@@ -294,6 +305,8 @@ def build_example(
     exclude = {i for i in range(len(rows)) if _norm_text(passages[ids[i]].text) == pos_text}  # duplicates of p+
     if config.seed_not_negative:
         exclude |= {i for i in range(len(rows)) if ids[i] == record.seed_id}
+    suspects = likely_false_negatives(rows, ql, positive, entry["seed_score"], config) - exclude
+    exclude |= suspects
     rng = random.Random(f"{config.seed}:{record.id}")
     negatives = select_negatives(order, config.negative, config.n_negatives, rng, exclude)
     if not negatives:
@@ -328,6 +341,7 @@ def build_example(
         negative_title=[p.title for p in neg_ps] if several else neg_ps[0].title,
         negative_ids=[ids[i] for i in negatives],
         positive_changed=pos_p.id != record.seed_id,
+        likely_false_negatives=[ids[i] for i in sorted(suspects)],
         positive_retriever_rank=None if positive is None else positive + 1,
         seed_rank=entry["seed_rank"],
         seed_score=round(entry["seed_score"], 6),
@@ -336,6 +350,20 @@ def build_example(
         candidates=candidates,
     )
     return example, None, signals
+
+
+def likely_false_negatives(rows: list, ql: list[float | None], positive: int | None, seed_score: float,
+                           config: RelabelConfig) -> set[int]:
+    """Candidates too close to the positive to be trusted as negatives: retriever score above
+    `false_negative_ratio` x the positive's, or QL within `false_negative_ql_margin` of its QL."""
+    out: set[int] = set()
+    others = [i for i in range(len(rows)) if i != positive]
+    if config.false_negative_ratio is not None:
+        top = float(rows[positive][1]) if positive is not None else seed_score
+        out |= {i for i in others if float(rows[i][1]) > config.false_negative_ratio * top}
+    if config.false_negative_ql_margin is not None and positive is not None and ql[positive] is not None:
+        out |= {i for i in others if ql[i] is not None and ql[i] >= ql[positive] - config.false_negative_ql_margin}
+    return out
 
 
 def is_easy(example: RelabelExample, margin: float) -> bool:
@@ -469,6 +497,7 @@ def run_relabel(
             continue
         summary.examples += 1
         summary.positive_changed += example.positive_changed
+        summary.likely_false_negatives += len(example.likely_false_negatives)
         rows.append(asdict(example))
     write(out, rows)
     times["write_s"] = time.perf_counter() - start

@@ -39,7 +39,7 @@ from typing import Iterator
 from gecko.corpus import Passage
 from gecko.generate import GenerateConfig, GenerateSummary, derive_seed, generate_batch, run_generate
 from gecko.journal import write_json_atomic, write_jsonl_atomic
-from gecko.llm import LLMError, default_cache_path
+from gecko.llm import LLMError, default_cache_path, parse_spec
 from gecko.llm.cache import CachedLLM, LLMCache
 from gecko.models import DEFAULT
 from gecko.relabel.run import Group, RelabelConfig, RelabelSummary, run_relabel
@@ -154,7 +154,7 @@ def _probe(specs: list[str], options: dict) -> str:
 
 def _llm_specs(spec: str) -> list[str]:
     """`openai:URL1,URL2#MODEL` → one spec per server; any other spec stays one."""
-    kind, _, target = spec.partition(":")
+    kind, target = parse_spec(spec)
     if kind != "openai":
         return [spec]
     urls, _, model = target.partition("#")

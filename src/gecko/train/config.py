@@ -35,6 +35,9 @@ class DataSpec:
     limit: int | None = None  # only the first N source rows
     min_score: float = 4.0  # STS: pairs scored at least this (0-5) are positives
     max_negatives: int | None = None  # examples: keep at most this many negatives per row
+    # examples from `gecko relabel`: the corpus their candidate ids come from, which gives the
+    # listwise distillation term (TrainConfig.distill_weight) the texts of every candidate
+    corpus: str | None = None
 
     def __post_init__(self):
         self.path = str(self.path)
@@ -95,6 +98,13 @@ class TrainConfig:
     homogeneous: bool = False  # every batch from one source
     examples_per_epoch: int | None = None
     mini_batch_size: int | None = None  # GradCache (cached loss) with this many rows per forward
+    # listwise distillation (gecko.train.loss.ListwiseDistillLoss): weight of KL(teacher || student)
+    # over each relabeled query's candidates (0 = off; needs the data's `corpus`); the teacher's
+    # score (ql | fused | retriever), its softmax temperature, and how many texts per list
+    distill_weight: float = 0.0
+    distill_teacher: str = "ql"
+    distill_temperature: float = 1.0
+    distill_list: int = 8
     gather_across_devices: bool = True  # under DDP: negatives from every device
     bucketed: bool = True  # length-sorted chunked forward (see gecko.train.loss)
     pretrain: StageConfig | None = None
@@ -133,6 +143,12 @@ class TrainConfig:
                 raise ValueError(f"dims must be positive integers, got {self.dims}")
             if self.dim_weights is not None and len(self.dim_weights) != len(self.dims):
                 raise ValueError("dim_weights must have one weight per dim")
+        from gecko.train.data import TEACHERS
+
+        if self.distill_weight < 0 or self.distill_teacher not in TEACHERS or self.distill_list < 2:
+            raise ValueError(f"distill: weight must be >= 0, teacher one of {', '.join(TEACHERS)}, list at least 2")
+        if self.distill_weight and self.mini_batch_size:
+            raise ValueError("distill_weight does not combine with mini_batch_size (GradCache) yet")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
         self.out = str(self.out)

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from gecko.corpus import read_jsonl
+from gecko.corpus import Passage, read_jsonl
 from gecko.train.config import DataSpec
 
 QUERY_FORMAT = "task: {task} | query: {text}"
@@ -53,13 +53,20 @@ def format_document(text: str, title: str = "") -> str:
     return f"title: {(title or '').strip() or 'none'} | text: {text}"
 
 
+TEACHERS = ("ql", "fused", "retriever")  # per-candidate scores of `gecko relabel` a listwise teacher can use
+
+
 @dataclass
 class Example:
-    """One formatted training example: the texts exactly as the model sees them."""
+    """One formatted training example: the texts exactly as the model sees them.
+
+    `candidates`: the relabeled query's top-N passages (formatted, in the LLM's fused order) with
+    their teacher scores, for the listwise distillation term; empty for other sources."""
 
     anchor: str
     positive: str
     negatives: list[str] = field(default_factory=list)
+    candidates: list[tuple[str, dict[str, float]]] = field(default_factory=list)
 
 
 @dataclass
@@ -170,8 +177,28 @@ def _as_list(value) -> list:
         return [value]
 
 
+def _candidate_scores(loc: str, row: dict) -> list[tuple[str, dict[str, float]]]:
+    """(passage id, teacher scores) of a relabeled row's candidates, best fused first."""
+    rows = row.get("candidates") or []
+    try:
+        ordered = sorted(rows, key=lambda c: c["rank"])
+        return [(str(c["id"]), {"ql": c.get("ql"), "fused": c["fused"], "retriever": c["retriever_score"]}) for c in ordered]
+    except (KeyError, TypeError):
+        raise TrainDataError(f"{loc}: 'candidates' must be gecko relabel's list of {{id, rank, fused, ql, retriever_score}}") from None
+
+
+def _passages(path: str) -> dict[str, Passage]:
+    from gecko.corpus import CorpusError, load_corpus
+
+    try:
+        return {p.id: p for p in load_corpus(path)[0]}
+    except CorpusError as err:
+        raise TrainDataError(str(err)) from None
+
+
 def _load_examples(spec: DataSpec, path: Path, name: str, seed: int) -> SourceData:
     source = SourceData(spec, name, "examples", spec.task, [], symmetric="per row" if spec.symmetric is None else spec.symmetric)
+    passages = _passages(spec.corpus) if spec.corpus else None
     for loc, row in _table_rows(path):
         if spec.limit is not None and source.rows >= spec.limit:
             break
@@ -211,7 +238,13 @@ def _load_examples(spec: DataSpec, path: Path, name: str, seed: int) -> SourceDa
                 kept.append(text)
         if spec.max_negatives is not None:
             kept = kept[: spec.max_negatives]
-        source.examples.append(Example(anchor, pos, kept))
+        candidates = []
+        if passages is not None:
+            for pid, scores in _candidate_scores(loc, row):
+                if pid not in passages:
+                    raise TrainDataError(f"{loc}: candidate {pid!r} is not in the corpus {spec.corpus}")
+                candidates.append((doc(passages[pid].text, passages[pid].title), scores))
+        source.examples.append(Example(anchor, pos, kept, candidates))
     return source
 
 
@@ -418,14 +451,34 @@ def build_mixture(sources: list[SourceData], *, examples_per_epoch: int | None =
     return Mixture(sources, per_source)
 
 
-def to_columns(examples: list[Example], negatives: int, *, count_column: bool) -> dict[str, list]:
+def listwise_texts(example: Example, size: int) -> tuple[list[str], list[str]]:
+    """The `size - 1 - len(negatives)` extra candidates spread evenly over the fused order (the
+    positive and negatives are in the list already), and the whole list: [positive, *negatives, *extras]."""
+    known = {example.positive, *example.negatives}
+    others = [text for text, _ in example.candidates if text not in known]
+    want = max(0, size - 1 - len(example.negatives))
+    if len(others) > want:
+        others = [others[round(i * (len(others) - 1) / max(want - 1, 1))] for i in range(want)] if want else []
+    return others, [example.positive, *example.negatives, *others]
+
+
+def to_columns(examples: list[Example], negatives: int, *, count_column: bool, listwise: int = 0,
+               teacher: str = "ql") -> dict[str, list]:
     """Dataset columns: anchor, positive, negative_1..negative_k and (when `count_column`) `label`
     = how many of the negative columns are real. Missing negatives are filled with the row's own
-    positive (a duplicate inside its row, never seen across rows) and masked by the loss."""
+    positive (a duplicate inside its row, never seen across rows) and masked by the loss.
+
+    `listwise` = L > 0 adds candidate_1..candidate_(L-1-k) (the extra candidates of
+    `listwise_texts`) and makes `label` a row [negative count, teacher score of the positive,
+    of each negative column, of each candidate column], NaN where a text has no score (padding,
+    or a row without candidates): what `ListwiseDistillLoss` reads."""
     columns: dict[str, list] = {"anchor": [], "positive": []}
     for k in range(negatives):
         columns[f"negative_{k + 1}"] = []
-    if count_column:
+    extras = max(0, listwise - 1 - negatives)
+    for k in range(extras):
+        columns[f"candidate_{k + 1}"] = []
+    if count_column or listwise:
         columns["label"] = []
     for example in examples:
         columns["anchor"].append(example.anchor)
@@ -433,6 +486,18 @@ def to_columns(examples: list[Example], negatives: int, *, count_column: bool) -
         real = example.negatives[:negatives]
         for k in range(negatives):
             columns[f"negative_{k + 1}"].append(real[k] if k < len(real) else example.positive)
-        if count_column:
-            columns["label"].append(len(real))
+        if not listwise:
+            if count_column:
+                columns["label"].append(len(real))
+            continue
+        shown = Example(example.anchor, example.positive, real, example.candidates)
+        others, _ = listwise_texts(shown, listwise)
+        others = others[:extras]
+        for k in range(extras):
+            columns[f"candidate_{k + 1}"].append(others[k] if k < len(others) else example.positive)
+        score = {text: scores.get(teacher) for text, scores in example.candidates}
+        nan = float("nan")
+        teacher_row = [score.get(example.positive), *(score.get(real[k]) if k < len(real) else None for k in range(negatives)),
+                       *(score.get(others[k]) if k < len(others) else None for k in range(extras))]
+        columns["label"].append([float(len(real)), *(nan if t is None else float(t) for t in teacher_row)])
     return columns

@@ -206,18 +206,18 @@ class GeckoLoss(MultipleNegativesRankingLoss):
         if self.hard_negatives == "none":
             features = features[:2]
         counts = labels if (self.negatives_in_label and labels is not None and len(features) > 2) else None
-        embeddings = None
-        if self.bucketed:
-            skip = None
-            if counts is not None:
-                rows = counts.shape[0]
-                skip = torch.zeros(len(features), rows, dtype=torch.bool, device=counts.device)
-                for c in range(2, len(features)):
-                    skip[c] = counts <= c - 2
-            embeddings = bucketed_embed(self.model, features, chunk_rows=self.chunk_rows, skip=skip)
-        if embeddings is None:
-            embeddings = embed_columns(self.model, features)
-        return self.compute_loss_from_embeddings(embeddings, counts)
+        skip = None
+        if counts is not None:
+            skip = torch.zeros(len(features), counts.shape[0], dtype=torch.bool, device=counts.device)
+            for c in range(2, len(features)):
+                skip[c] = counts <= c - 2
+        return self.compute_loss_from_embeddings(self.embed(features, skip), counts)
+
+    def embed(self, features: list[dict[str, Tensor]], skip: Tensor | None = None) -> list[Tensor]:
+        """One (rows, d) tensor per column; rows marked in `skip` (columns, rows) are not embedded
+        when bucketed (they come back as zeros)."""
+        embeddings = bucketed_embed(self.model, features, chunk_rows=self.chunk_rows, skip=skip) if self.bucketed else None
+        return embeddings if embeddings is not None else embed_columns(self.model, features)
 
     def compute_loss_from_embeddings(self, embeddings: list[Tensor], labels: Tensor | None) -> Tensor:
         if len(embeddings) < 2:
@@ -254,6 +254,68 @@ class GeckoLoss(MultipleNegativesRankingLoss):
             "gather_across_devices": self.gather_across_devices,
             "bucketed": self.bucketed,
         }
+
+
+class ListwiseDistillLoss(nn.Module):
+    """The Gecko loss plus a listwise distillation term from the LLM's scores of a query's candidates.
+
+    For query q_i with list C_i = [p_i, p_i^-..., c_i1 ...] (positive, hard negatives, extra
+    candidates of its relabeled top N) and teacher scores r_ij (QL, fused rank score, ... as chosen
+    in the data), with t_s the Gecko temperature and t_r the teacher's:
+
+        P_ij = softmax_j(r_ij / t_r)                    the teacher's distribution over C_i
+        Q_ij = softmax_j(cos(q_i, c_ij) / t_s)          the student's
+        loss = gecko_loss + weight * mean_i KL(P_i || Q_i)
+
+    as in RocketQAv2 / reader-to-retriever distillation: the contrastive term keeps the recipe's
+    top-1 labels, the KL term teaches the order of the rest, which the recipe otherwise throws
+    away. No extra LLM call: relabel already scored every candidate. `labels` rows are
+    [negative count, r of the positive, of each negative column, of each candidate column], NaN
+    where there is no score (padding; rows of sources without candidates have no KL term);
+    texts with NaN scores in candidate columns are not embedded.
+    """
+
+    def __init__(self, model, inner: GeckoLoss, *, weight: float = 1.0, teacher_temperature: float = 1.0, negatives: int = 0):
+        super().__init__()
+        if not teacher_temperature > 0:
+            raise ValueError("teacher_temperature must be positive")
+        self.model = model
+        self.inner = inner
+        self.weight = weight
+        self.teacher_temperature = teacher_temperature
+        self.negatives = negatives  # negative columns before the candidate columns
+
+    def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor) -> Tensor:
+        features = list(sentence_features)
+        counts, teacher = labels[:, 0].long(), labels[:, 1:].float()
+        k = self.negatives
+        skip = torch.zeros(len(features), labels.shape[0], dtype=torch.bool, device=labels.device)
+        for c in range(2, 2 + k):
+            skip[c] = counts <= c - 2
+        for c in range(2 + k, len(features)):
+            skip[c] = torch.isnan(teacher[:, c - 1])
+        embeddings = self.inner.embed(features, skip)
+        contrastive_cols = embeddings[:2] if self.inner.hard_negatives == "none" else embeddings[: 2 + k]
+        contrastive = self.inner.compute_loss_from_embeddings(contrastive_cols, counts if k else None)
+        return contrastive + self.weight * self.kl(embeddings[0], embeddings[1:], teacher)
+
+    def kl(self, queries: Tensor, columns: list[Tensor], teacher: Tensor) -> Tensor:
+        """mean over rows with 2+ scored texts of KL(teacher || student) over those texts."""
+        docs = torch.stack([F.normalize(c, dim=-1) for c in columns], dim=1)  # (B, L, d)
+        student = torch.einsum("bd,bld->bl", F.normalize(queries, dim=-1), docs) * self.inner.scale
+        valid = ~torch.isnan(teacher)
+        rows = valid.sum(dim=1) >= 2
+        if not bool(rows.any()):
+            return student.sum() * 0.0
+        student, teacher, valid = student[rows], teacher[rows], valid[rows]
+        target = F.softmax((teacher / self.teacher_temperature).masked_fill(~valid, float("-inf")), dim=1)
+        log_q = F.log_softmax(student.masked_fill(~valid, float("-inf")), dim=1)
+        terms = torch.where(valid, target * (torch.log(target.clamp_min(1e-30)) - log_q), torch.zeros_like(target))
+        return terms.sum(dim=1).mean()
+
+    def get_config_dict(self) -> dict[str, Any]:
+        return {**self.inner.get_config_dict(), "distill_weight": self.weight,
+                "teacher_temperature": self.teacher_temperature}
 
 
 class GeckoCachedLoss(CachedMultipleNegativesRankingLoss):

@@ -166,15 +166,18 @@ class StageResult:
     extra: dict = field(default_factory=dict)
 
 
-def _build_datasets(mixture: Mixture, *, homogeneous: bool, hard_negatives: str, seed: int):
-    """A Dataset (mixed batches) or a DatasetDict (one source per batch), and whether the loss
-    reads negative counts from the `label` column."""
+def _build_datasets(mixture: Mixture, *, homogeneous: bool, hard_negatives: str, seed: int, listwise: int = 0,
+                    teacher: str = "ql"):
+    """A Dataset (mixed batches) or a DatasetDict (one source per batch), whether the loss reads
+    negative counts from the `label` column, and the number of negative columns."""
     from datasets import Dataset, DatasetDict
 
     def negatives_of(rows) -> int:
         return 0 if hard_negatives == "none" else max((len(e.negatives) for e in rows), default=0)
 
     if homogeneous:
+        if listwise:
+            raise TrainError("listwise distillation needs mixed batches (homogeneous: false)")
         parts = {}
         uses_counts = False
         for name, rows in mixture.per_source.items():
@@ -182,18 +185,20 @@ def _build_datasets(mixture: Mixture, *, homogeneous: bool, hard_negatives: str,
             padded = k > 0 and any(len(e.negatives) < k for e in rows)
             uses_counts |= padded
             parts[name] = Dataset.from_dict(to_columns(rows, k, count_column=k > 0))
-        return DatasetDict(parts), uses_counts or any("label" in d.column_names for d in parts.values())
+        return DatasetDict(parts), uses_counts or any("label" in d.column_names for d in parts.values()), 0
     rows = [e for part in mixture.per_source.values() for e in part]
     k = negatives_of(rows)
-    dataset = Dataset.from_dict(to_columns(rows, k, count_column=k > 0))
-    return dataset, k > 0
+    dataset = Dataset.from_dict(to_columns(rows, k, count_column=k > 0, listwise=listwise, teacher=teacher))
+    return dataset, k > 0, k
 
 
 def _make_loss(model, config: TrainConfig, *, same_tower: bool, hard_negatives: str, uses_counts: bool, dims: list[int],
-               homogeneous: bool):
+               homogeneous: bool, distill_negatives: int | None = None):
+    """(the loss to train with, the Gecko loss inside it); `distill_negatives`: the negative
+    columns before the candidate columns when the listwise term is on (None: off)."""
     from sentence_transformers.sentence_transformer.losses import MatryoshkaLoss
 
-    from gecko.train.loss import GeckoCachedLoss, GeckoLoss
+    from gecko.train.loss import GeckoCachedLoss, GeckoLoss, ListwiseDistillLoss
 
     gather = config.gather_across_devices and _world() > 1
     if gather and homogeneous and hard_negatives == "batch":
@@ -206,11 +211,15 @@ def _make_loss(model, config: TrainConfig, *, same_tower: bool, hard_negatives: 
         inner = GeckoCachedLoss(model, mini_batch_size=config.mini_batch_size, **common)
     else:
         inner = GeckoLoss(model, bucketed=config.bucketed, **common)
+    outer = inner
+    if distill_negatives is not None:
+        outer = ListwiseDistillLoss(model, inner, weight=config.distill_weight, teacher_temperature=config.distill_temperature,
+                                    negatives=distill_negatives)
     full = model.get_embedding_dimension()
     if dims == [full]:
-        return inner, inner
+        return outer, outer
     weights = config.dim_weights or [1.0] * len(dims)
-    return MatryoshkaLoss(model, inner, matryoshka_dims=dims, matryoshka_weights=weights), inner
+    return MatryoshkaLoss(model, outer, matryoshka_dims=dims, matryoshka_weights=weights), outer
 
 
 def _trainer_class():
@@ -313,8 +322,13 @@ def _run_stage(
             for example in source.examples:
                 example.negatives = []
     mixture = build_mixture(sources, examples_per_epoch=config.examples_per_epoch, seed=config.seed)
-    dataset, uses_counts = _build_datasets(mixture, homogeneous=config.homogeneous, hard_negatives=hard_negatives,
-                                           seed=config.seed)
+    distill = config.distill_weight > 0 and any(e.candidates for s in sources for e in s.examples)
+    if config.distill_weight > 0 and not distill and name == "finetune":
+        raise TrainError("distill_weight > 0 but no training example has candidates: give the relabeled data's corpus "
+                         "(DataSpec.corpus, `--data PATH` with `--corpus`)")
+    dataset, uses_counts, negatives = _build_datasets(
+        mixture, homogeneous=config.homogeneous, hard_negatives=hard_negatives, seed=config.seed,
+        listwise=config.distill_list if distill else 0, teacher=config.distill_teacher)
 
     device = config.device
     use_cpu = device == "cpu" or (device is None and not torch.cuda.is_available())
@@ -332,7 +346,7 @@ def _run_stage(
     if dims[0] > full:
         raise TrainError(f"dims {dims}: the base model has {full} dimensions")
     loss, inner = _make_loss(model, config, same_tower=same_tower, hard_negatives=hard_negatives, uses_counts=uses_counts,
-                             dims=dims, homogeneous=config.homogeneous)
+                             dims=dims, homogeneous=config.homogeneous, distill_negatives=negatives if distill else None)
 
     world = _world()
     total = mixture.total
@@ -402,7 +416,9 @@ def _run_stage(
             "name": type(inner).__name__,
             "formula": "softmax cross-entropy over in-batch positives"
             + (", own hard negatives" if hard_negatives == "own" else ", all in-batch hard negatives" if hard_negatives == "batch" else "")
-            + (", same-tower (other queries)" if same_tower else ""),
+            + (", same-tower (other queries)" if same_tower else "")
+            + (f"; + {config.distill_weight:g} x KL(teacher {config.distill_teacher} || student) over {config.distill_list} "
+               "candidates per query" if distill else ""),
             **inner.get_config_dict(),
             "matryoshka_dims": dims,
             "matryoshka_weights": list(config.dim_weights or [1.0] * len(dims)),
