@@ -24,7 +24,7 @@ def per_query_ndcg(model: str, data, task) -> dict[int, list[float]]:
 
     embedder, style = Embedder(model, progress=False), Prompts(True)
     qids = list(data.queries)
-    q = embedder.embed([style.query(data.queries[i], task.prompt) for i in qids])
+    q = embedder.embed([style.query(data.queries[i], task) for i in qids])
     d = embedder.embed([style.document(p.title, p.text) for p in data.corpus])
     ids = [p.id for p in data.corpus]
     return {dim: ranking_per_query(exact_ranking(qids, truncate(q, dim), ids, truncate(d, dim), 10), data.qrels, (10,))["ndcg_at_10"] for dim in DIMS}

@@ -100,14 +100,33 @@ def _run(args, capsys) -> tuple[int, str, str]:
 def first_run(slices, cache, tmp_path_factory):
     """One CLI run with prompts over all three task types at two dims (shared by several tests)."""
     out = tmp_path_factory.mktemp("run1")
-    rc = main(["eval", "--model", "default", *_task_args(slices), "--dims", "384,128", "--cache-dir", str(cache), "--out", str(out)])
+    rc = main(["eval", "--model", "default", *_task_args(slices), "--dims", "384,128", "--cache-dir", str(cache), "--out", str(out),
+               "--prompts", "gecko"])
     assert rc == 0
     return out
 
 
+def test_prompt_modes_model_gecko_none():
+    from gecko.evaluate import Prompts
+    from gecko.evaluate.tasks import RetrievalTask, STSTask
+
+    sci, other, sts = RetrievalTask("scifact", ".", prompt="fact checking"), RetrievalTask("mine", "."), STSTask("stsb", ".")
+    saved = {"query": "task: search result | query: ", "document": "title: none | text: ", "scifact": "task: fact checking | query: "}
+    model = Prompts("model", saved)
+    assert model.query("q", sci) == "task: fact checking | query: q" and model.query("q", other) == "task: search result | query: q"
+    assert model.query("a sentence", sts) == "a sentence"  # no saved prompt for it: plain, as the card says
+    assert model.document("T", "body") == "title: T | text: body"
+    assert Prompts("gecko").query("a sentence", sts) == "task: sentence similarity | query: a sentence"
+    plain = Prompts("model", {"query": "", "document": ""})  # what MiniLM saves: scored exactly as MTEB does
+    assert [plain.query("q", sci), plain.document("T", "body")] == [Prompts("none").query("q", sci), "T body"]
+    assert Prompts(False).mode == "none" and Prompts(True).mode == "gecko"
+    with pytest.raises(ValueError, match="prompts must be one of"):
+        Prompts("always")
+
+
 def test_cli_writes_json_table_plot_for_every_task_type(first_run):
     data = json.loads((first_run / "results.json").read_text())
-    assert data["dims"] == [384, 128] and data["prompts"] is True
+    assert data["dims"] == [384, 128] and data["prompts"] == "gecko"
     assert data["model"]["spec"] == "default" and len(data["model"]["identity"]) == 64
     assert data["versions"]["sentence-transformers"] and data["versions"]["torch"]
     by_name = {t["task"]: t for t in data["tasks"]}
@@ -147,7 +166,7 @@ def test_results_load_in_mteb(first_run):
 def test_second_run_hits_the_embedding_cache(first_run, slices, cache, tmp_path, capsys):
     first = json.loads((first_run / "results.json").read_text())
     assert first["model"]["encoded_texts"] > 200
-    rc, _, _ = _run([*_task_args(slices), "--dims", "384,256,64", "--cache-dir", str(cache), "--out", str(tmp_path)], capsys)
+    rc, _, _ = _run([*_task_args(slices), "--dims", "384,256,64", "--prompts", "gecko", "--cache-dir", str(cache), "--out", str(tmp_path)], capsys)
     assert rc == 0
     again = json.loads((tmp_path / "results.json").read_text())
     assert again["model"]["encoded_texts"] == 0  # new dims come from the cached full embeddings
@@ -165,10 +184,10 @@ def test_no_prompts_and_baseline_delta(first_run, slices, cache, tmp_path, capsy
     )
     assert rc == 0
     data = json.loads((tmp_path / "results.json").read_text())
-    assert data["prompts"] is False
+    assert data["prompts"] == "none"
     sci = next(t for t in data["tasks"] if t["task"] == "scifact")
-    assert sci["prompts"] == {"query": "{text}", "document": "{title} {text}", "task": None}
-    assert data["baseline"]["prompts"] is True
+    assert sci["prompts"] == {"mode": "none", "query": "{text}", "document": "{title} {text}", "task": None}
+    assert data["baseline"]["prompts"] == "gecko"
     table = (tmp_path / "results.md").read_text()
     assert "| task | split | metric | 384 | Δ384 | 128 | Δ128 |" in table
     row = next(line for line in table.splitlines() if line.startswith("| stsb |"))

@@ -28,7 +28,7 @@ torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "src" / "gecko" / "data" / "sample"
 TINY = ["generate.limit=6", "generate.batch_size=1", "relabel.top_n=4", "relabel.score.max_passage_words=40",
-        "train.steps=2", "train.batch_size=4", "train.logging_steps=1", "eval.backend=builtin"]
+        "train.steps=2", "train.batch_size=4", "train.logging_steps=1", "eval.backend=builtin", "train.holdout=0.4"]
 
 
 # ---------------------------------------------------------------- config
@@ -188,8 +188,15 @@ def test_the_run_leaves_manifests_examples_a_model_and_a_report(resumed):
     assert all(r["before"] is not None and r["after"] is not None for r in rows)
     assert rows[0]["before"] > 50  # the packaged MiniLM on the mini SciFact: a sane nDCG@10 ×100
     report = result.report.read_text()
-    for needle in ("positive changed", "task-type mix", "before (base)", "| scifact-mini | ndcg_at_10 | 64 |"):
-        assert needle in report
+    for needle in ("positive changed", "task-type mix", "before (base)", "| scifact-mini | ndcg_at_10 | 64 |",
+                   "as MTEB scores it", "Label-free check", "| holdout | ndcg_at_10 | 384 |", "overstate quality",
+                   "Both models with the same prompts"):
+        assert needle in report, needle
+    # held-out queries: never trained on, scored as a retrieval task before and after
+    held = (run_dir / "train" / "holdout" / "queries.jsonl").read_text().splitlines()
+    trained_ids = {json.loads(line)["id"] for line in (run_dir / "train" / "train.jsonl").read_text().splitlines()}
+    assert held and not {json.loads(line)["_id"] for line in held} & trained_ids
+    assert read_manifest(run_dir / "train" / "manifest.json")["counts"]["held_out_queries"] == len(held)
     for image in ("task_mix.png", "relabel.png", "train/model/loss.png", "eval/trained/score_vs_dim.png"):
         assert f"]({image})" in report and (run_dir / image).stat().st_size > 1000
     assert "| 384 |" in result.table() and yaml.safe_load((run_dir / "config.yaml").read_text())["relabel"]["top_n"] == 4

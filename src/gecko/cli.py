@@ -116,7 +116,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         print(f"gecko: error: --dims {args.dims!r}: expected comma-separated integers, e.g. 384,256,128,64", file=sys.stderr)
         return 2
     options = dict(
-        prompts=not args.no_prompts, backend=args.backend, cache_dir=args.cache_dir, device=args.device,
+        prompts="none" if args.no_prompts else args.prompts, backend=args.backend, cache_dir=args.cache_dir, device=args.device,
         batch_size=args.batch_size, progress=not args.no_progress, **_beir_options(args),
     )
     try:
@@ -359,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="start the run as its own process (outlives the shell; log in RUN_DIR/run.log) and return")
     run.set_defaults(func=_cmd_run)
 
+    from gecko.evaluate.encoder import PROMPT_MODES
     from gecko.evaluate.tasks import IDENTICAL_IDS, RetrievalTask
 
     beir = argparse.ArgumentParser(add_help=False)  # how a BEIR folder is scored: eval and rerank-eval
@@ -376,7 +377,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "or by TYPE (retrieval, sts, classification)")
     ev.add_argument("--dims", default=None, help="comma-separated Matryoshka dims, e.g. 384,256,128,64 (default: full)")
     ev.add_argument("--baseline", default=None, help="a previous run (results.json or its folder) or a model to compare with")
-    ev.add_argument("--no-prompts", action="store_true", help="embed plain texts (as MTEB does for models without prompts)")
+    ev.add_argument("--prompts", choices=list(PROMPT_MODES), default="model",
+                    help="model (default): as the model says to use it, its saved prompts (none saved: plain texts, as MTEB "
+                    "scores it); gecko: the paper's formats for any model; none: plain texts")
+    ev.add_argument("--no-prompts", action="store_true", help="the same as --prompts none")
     ev.add_argument("--out", required=True, help="folder for results.json, results.md, score_vs_dim.png and mteb/")
     ev.add_argument("--backend", default="auto", choices=("auto", "mteb", "builtin"), help="scorer: mteb if installed (auto), or built-in")
     ev.add_argument("--cache-dir", default=None, help="embedding cache (default: $GECKO_HOME/embeddings)")

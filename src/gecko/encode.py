@@ -46,7 +46,7 @@ class InputFormat:
     gecko_document: bool = False  # title goes into Gecko's `title: {title} | text: {text}`
 
     def text(self, passage: Passage) -> str:
-        return Prompts(enabled=self.gecko_document).document(passage.title, passage.text)
+        return Prompts("gecko" if self.gecko_document else "none").document(passage.title, passage.text)
 
 
 class Encoder:

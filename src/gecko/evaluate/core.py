@@ -89,7 +89,7 @@ class Results:
 
     model: dict
     dims: list[int]
-    prompts: bool
+    prompts: str  # the Prompts mode: model | gecko | none
     backend: str
     versions: dict
     tasks: list[TaskScores]
@@ -118,7 +118,7 @@ class Results:
         return cls(
             model=data.get("model", {}),
             dims=[int(d) for d in data["dims"]],
-            prompts=data.get("prompts", True),
+            prompts={True: "gecko", False: "none"}.get(data.get("prompts", True), data.get("prompts")),
             backend=data.get("backend", ""),
             versions=data.get("versions", {}),
             tasks=[TaskScores.from_dict(t) for t in data["tasks"]],
@@ -167,7 +167,7 @@ def evaluate(
     tasks: Iterable = (),
     dims: Iterable[int] | None = None,
     *,
-    prompts: bool = True,
+    prompts: str | bool = "model",
     backend: str = "auto",
     cache_dir=None,
     device: str | None = None,
@@ -179,7 +179,9 @@ def evaluate(
     """Score `model` on `tasks` at each of `dims` (default: its full dimension).
 
     `model`: an embedder folder, `default` (the packaged all-MiniLM-L6-v2) or an `Embedder`.
-    `prompts=False` embeds the plain texts as MTEB does for models without instructions.
+    `prompts` (see `Prompts`): `model` (default) embeds as the model says to use it (its saved
+    prompts; none saved: the plain texts, as MTEB scores models without instructions), `gecko` the
+    paper's formats for any model (True), `none` the plain texts (False).
     `backend`: `mteb` (MTEB's own evaluators on our local data), `builtin` (`gecko.evaluate.metrics`,
     same definitions, no `mteb` needed), or `auto` (mteb when installed). All data is loaded and
     validated before anything is embedded; embeddings come from the on-disk cache when present.
@@ -203,14 +205,14 @@ def evaluate(
     )
     full = embedder.dim
     dim_list = _check_dims(dims, full)
-    style = Prompts(prompts)
+    style = Prompts(prompts, getattr(embedder.model, "prompts", None))
     meta = None
     if backend == "mteb":
         meta = mteb_backend.model_meta(_model_name(embedder), embedder.identity, full, getattr(embedder.model, "max_seq_length", None))
     results = Results(
         model={**embedder.describe(), "name": _model_name(embedder), "dim": full},
         dims=dim_list,
-        prompts=prompts,
+        prompts=style.mode,
         backend=backend,
         versions=versions(backend),
         tasks=[],
@@ -225,7 +227,7 @@ def evaluate(
             path=str(task.path),
             main_metric=task.main_metric,
             mteb_task=task.mteb_name,
-            prompts={**style.describe(task.prompt, symmetric=not isinstance(task, RetrievalTask)), "task": task.prompt if prompts else None},
+            prompts={**style.describe(task), "task": task.prompt if style.mode == "gecko" else None},
             sizes=_sizes(data),
             protocol=data.protocol() if isinstance(data, RetrievalData) else {},
         )
@@ -266,7 +268,7 @@ def _builtin(task: Task, data, embedder: Embedder, style: Prompts, dims: list[in
     out = {}
     if isinstance(task, RetrievalTask):
         qids = list(data.queries)
-        q = embedder.embed([style.query(data.queries[i], task.prompt) for i in qids], f"{task.name} queries")
+        q = embedder.embed([style.query(data.queries[i], task) for i in qids], f"{task.name} queries")
         d = embedder.embed([style.document(p.title, p.text) for p in data.corpus], f"{task.name} documents")
         doc_ids = [p.id for p in data.corpus]
         for dim in dims:
@@ -274,16 +276,16 @@ def _builtin(task: Task, data, embedder: Embedder, style: Prompts, dims: list[in
                 qids, truncate(q, dim), doc_ids, truncate(d, dim), data.qrels, task.k_values, data.ignore_identical_ids
             )
     elif isinstance(task, STSTask):
-        e1 = embedder.embed([style.query(t, task.prompt) for t in data.sentence1], f"{task.name} texts")
-        e2 = embedder.embed([style.query(t, task.prompt) for t in data.sentence2], f"{task.name} texts")
+        e1 = embedder.embed([style.query(t, task) for t in data.sentence1], f"{task.name} texts")
+        e2 = embedder.embed([style.query(t, task) for t in data.sentence2], f"{task.name} texts")
         for dim in dims:
             out[dim] = metrics.sts_scores(truncate(e1, dim), truncate(e2, dim), data.scores)
     elif isinstance(task, ClassificationTask):
         draws = metrics.undersample(data.train_labels, task.n_experiments, task.samples_per_label, task.seed)
         union = sorted(set().union(*draws))
-        train_full = embedder.embed([style.query(data.train_texts[i], task.prompt) for i in union], f"{task.name} train")
+        train_full = embedder.embed([style.query(data.train_texts[i], task) for i in union], f"{task.name} train")
         row = {j: p for p, j in enumerate(union)}
-        test_full = embedder.embed([style.query(t, task.prompt) for t in data.test_texts], f"{task.name} test")
+        test_full = embedder.embed([style.query(t, task) for t in data.test_texts], f"{task.name} test")
         for dim in dims:
             train_dim = truncate(train_full, dim)
             out[dim] = metrics.classification_scores(

@@ -54,29 +54,58 @@ def truncate(embeddings: np.ndarray, dim: int | None) -> np.ndarray:
     return emb / np.where(norms == 0, 1, norms)
 
 
+PROMPT_MODES = ("model", "gecko", "none")
+
+
 class Prompts:
-    """How texts become model inputs; `enabled=False` gives MTEB's plain inputs for models without prompts."""
+    """How texts become model inputs, in one of three modes:
+
+    * `gecko`: the paper's formats for every model: query side `task: {task} | query: {text}`,
+      documents `title: {title} | text: {text}`, symmetric tasks the query format on both sides;
+    * `none`: the plain texts, as MTEB embeds models without instructions (the base model "as
+      MTEB scores it");
+    * `model`: as the model says to use it: the prompts saved with it (`gecko train` saves the ones
+      its card recommends) by task name, then `query` for any retrieval query; a text with no saved
+      prompt is embedded plain, so a model without prompts is scored exactly as in `none`.
+    """
 
     QUERY = "task: {task} | query: {text}"
     DOCUMENT = "title: {title} | text: {text}"
 
-    def __init__(self, enabled: bool = True):
-        self.enabled = enabled
+    def __init__(self, mode: str | bool = "gecko", saved: dict[str, str] | None = None):
+        mode = {True: "gecko", False: "none"}.get(mode, mode) if isinstance(mode, bool) else mode
+        if mode not in PROMPT_MODES:
+            raise EvalError(f"prompts must be one of {', '.join(PROMPT_MODES)}, not {mode!r}")
+        self.mode = mode
+        self.saved = dict(saved or {}) if mode == "model" else {}
 
-    def query(self, text: str, task: str) -> str:
-        return f"task: {task} | query: {text}" if self.enabled else text
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "none"
+
+    def _saved_query(self, task) -> str | None:
+        return self.saved.get(task.name) or (self.saved.get("query") if task.type == "retrieval" else None)
+
+    def query(self, text: str, task) -> str:
+        """A query-side text of `task` (queries; both sides of STS and classification)."""
+        if self.mode == "gecko":
+            return f"task: {task.prompt} | query: {text}"
+        prefix = self._saved_query(task) if self.mode == "model" else None
+        return prefix + text if prefix else text
 
     def document(self, title: str, text: str) -> str:
-        if self.enabled:
+        prefix = self.saved.get("document")
+        if self.mode == "gecko" or (prefix and prefix.startswith("title: ")):
             return f"title: {title.strip() or 'none'} | text: {text}"
+        if prefix:
+            return prefix + text
         # MTEB / BEIR: title and text joined by a space, stripped; the text alone when there is no title
         return (title + " " + text).strip() if title else text.strip()
 
-    def describe(self, task: str, symmetric: bool) -> dict:
-        if not self.enabled:
-            return {"query": "{text}", "document": "{text}" if symmetric else "{title} {text}"}
-        query = self.QUERY.replace("{task}", task)
-        return {"query": query, "document": query if symmetric else self.DOCUMENT}
+    def describe(self, task) -> dict:
+        symmetric = task.type != "retrieval"
+        query = self.query("{text}", task)
+        return {"mode": self.mode, "query": query, "document": query if symmetric else self.document("{title}", "{text}")}
 
 
 class Embedder:

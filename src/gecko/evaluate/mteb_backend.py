@@ -134,7 +134,7 @@ class CachedEncoder:
                 bodies = batch.get("body") or batch["text"]
                 texts += [self._prompts.document(t, b) for t, b in zip(titles, bodies)]
             else:  # queries, and both sides of symmetric tasks
-                texts += [self._prompts.query(t, self._task.prompt) for t in batch["text"]]
+                texts += [self._prompts.query(t, self._task) for t in batch["text"]]
         side = "documents" if prompt_type == PromptType.document else "queries" if prompt_type == PromptType.query else "texts"
         return truncate(self._embed(texts, f"{self._task.name} {side}"), self._dim)
 

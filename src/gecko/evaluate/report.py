@@ -17,6 +17,12 @@ from gecko.evaluate.core import Results, TaskScores
 from gecko.evaluate.tasks import EvalError
 from gecko.journal import save_figure_atomic, write_text_atomic
 
+PROMPT_WORDS = {
+    "model": "as the model says (its saved prompts; plain texts where it saves none, as MTEB scores it)",
+    "gecko": "the Gecko formats for every text (task: … | query: …, title: … | text: …)",
+    "none": "off (plain texts, MTEB style)",
+}
+
 
 def load_results(path) -> Results:
     """A run's results from its `results.json` or its output folder."""
@@ -64,13 +70,13 @@ def markdown_table(results: Results, baseline: Results | None = None) -> str:
         f"# gecko eval: {_name(results)}",
         "",
         f"- model: `{results.model.get('path', '?')}` (identity {str(results.model.get('identity', '?'))[:12]})",
-        f"- prompts: {'on' if results.prompts else 'off (plain texts, MTEB style)'}; scored by: {results.backend}"
+        f"- prompts: {PROMPT_WORDS.get(results.prompts, results.prompts)}; scored by: {results.backend}"
         + (f" {results.versions.get('mteb')}" if results.backend == "mteb" else ""),
     ]
     if baseline is not None:
         lines.append(
             f"- baseline: `{_name(baseline)}` "
-            f"(prompts {'on' if baseline.prompts else 'off'}); Δ = ours − baseline, points"
+            f"(prompts: {PROMPT_WORDS.get(baseline.prompts, baseline.prompts)}); Δ = ours − baseline, points"
         )
     lines += ["- scores ×100 (main metric of each task)", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for t in results.tasks:
@@ -119,7 +125,7 @@ def plot(results: Results, path, baseline: Results | None = None) -> Path:
     ax.set_xticklabels([str(d) for d in dims])
     ax.set_xlabel("embedding dimension (Matryoshka truncation)")
     ax.set_ylabel("main score ×100")
-    ax.set_title(f"{_name(results)}: score vs dimension" + ("" if results.prompts else " (no prompts)"))
+    ax.set_title(f"{_name(results)}: score vs dimension" + (" (no prompts)" if results.prompts == "none" else ""))
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()

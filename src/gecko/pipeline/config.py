@@ -112,7 +112,10 @@ class EvalStage:
 
     tasks: tuple[EvalTask, ...] = ()
     dims: tuple[int, ...] | None = None  # default: the Matryoshka dims the model was trained for
-    prompts: bool = True
+    # both models as users will use them: the trained one with the prompts its card gives, the
+    # base as MTEB scores it (it saves none: plain texts); gecko | none: one mode for both
+    prompts: str | bool = "model"
+    same_prompts: bool = True  # also both with the Gecko formats (the same-prompts table)
     baseline: bool = True  # also score train.base: the "before" column
     backend: str = "auto"  # auto | mteb | builtin
     batch_size: int = 64

@@ -144,13 +144,24 @@ def write_report(run_dir: Path, config: PipelineConfig, runs, results, baseline)
     lines += [f"- loss: {loss} (first and last logged step)",
               f"- model: `train/model` (model card `train/model/README.md`)", "", "![loss](train/model/loss.png)"]
 
+    from gecko.evaluate.report import PROMPT_WORDS
+
     lines += ["", "## 4 eval: the base model (before) vs the trained one (after), at every Matryoshka dim", "",
-              "Main score ×100; Δ = after − before, points.", "", before_after_table(results, baseline), ""]
+              f"Main score ×100; Δ = after − before, points. Prompts: {PROMPT_WORDS.get(results.prompts, results.prompts)}"
+              + (": the trained model as its card says, the base as MTEB scores it." if results.prompts == "model" else "."),
+              "", before_after_table(results, baseline), ""]
     for task in results.tasks:
         sizes = ", ".join(f"{k} {v}" for k, v in task.sizes.items())
-        lines.append(f"- {task.task}: {task.type}, split {task.split}, {sizes}; scored by {results.backend}, "
-                     f"prompts {'on' if results.prompts else 'off'}")
+        lines.append(f"- {task.task}: {task.type}, split {task.split}, {sizes}; scored by {results.backend}")
     lines += holdout_lines(results, baseline)
+    same = run_dir / "eval" / "trained-gecko" / "results.json"
+    if same.is_file():
+        from gecko.evaluate import load_results
+
+        base_same = run_dir / "eval" / "base-gecko"
+        lines += ["", "Both models with the same prompts (the Gecko formats on every text): what training changed, "
+                  "apart from how each model is best used.", "",
+                  before_after_table(load_results(same.parent), load_results(base_same) if base_same.is_dir() else None)]
     lines += ["", "![score vs dim](eval/trained/score_vs_dim.png)", "",
               "Full tables: `eval/trained/results.md` (with the Δ column), `eval/base/results.md`; "
               "raw scores in `results.json` beside them."]

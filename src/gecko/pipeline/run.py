@@ -377,17 +377,22 @@ def _eval_run(ctx: _Context, directory: Path, resume: bool):
         from gecko.evaluate.tasks import resolve_task
 
         tasks.append(resolve_task("holdout", _holdout_folder(ctx), type="retrieval"))
-    options = dict(prompts=st.prompts, backend=st.backend, cache_dir=st.cache_dir, device=st.device,
-                   batch_size=st.batch_size, progress=ctx.progress)
-    trained = evaluate(str(model), tasks, dims, **options)
-    base = evaluate(ctx.config.train.settings.get("base", DEFAULT), tasks, dims, **options) if st.baseline else None
-    outputs = {"trained": directory / "trained" / "results.json"}
-    if base is not None:
-        base.write(directory / "base")
-        outputs["base"] = directory / "base" / "results.json"
-    trained.write(directory / "trained", baseline=base)
-    counts = {"tasks": [t.name for t in tasks], "dims": dims}
-    return outputs, counts, {"before_after": before_after_rows(trained, base)}, before_after_table(trained, base)
+    options = dict(backend=st.backend, cache_dir=st.cache_dir, device=st.device, batch_size=st.batch_size, progress=ctx.progress)
+    outputs, rows = {}, {}
+    modes = [("", st.prompts)] + ([("-gecko", "gecko")] if st.same_prompts and st.prompts != "gecko" else [])
+    for suffix, mode in modes:
+        trained = evaluate(str(model), tasks, dims, prompts=mode, **options)
+        base = evaluate(ctx.config.train.settings.get("base", DEFAULT), tasks, dims, prompts=mode, **options) if st.baseline else None
+        outputs[f"trained{suffix}"] = directory / f"trained{suffix}" / "results.json"
+        if base is not None:
+            base.write(directory / f"base{suffix}")
+            outputs[f"base{suffix}"] = directory / f"base{suffix}" / "results.json"
+        trained.write(directory / f"trained{suffix}", baseline=base)
+        rows[mode] = before_after_rows(trained, base)
+        if not suffix:
+            table = before_after_table(trained, base)
+    counts = {"tasks": [t.name for t in tasks], "dims": dims, "prompts": [mode for _, mode in modes]}
+    return outputs, counts, {"before_after": rows[st.prompts], "before_after_by_prompts": rows}, table
 
 
 _STAGES = [

@@ -66,8 +66,9 @@ def model_card(record: dict, eval_md: str | None = None) -> str:
         "```",
         "",
         "Queries were trained as `task: {task} | query: {text}`, documents as `title: {title} | text: {text}`; "
-        "symmetric tasks (STS, classification) use the query format on both sides. For another task, format "
-        "the text yourself or pass `prompt=\"task: <your task> | query: \"`.",
+        "symmetric tasks (STS, classification) use the query format on both sides in training, but embed their "
+        "texts plain, with no prompt, when you use the model: that scored higher on STS-B (gecko's README, Quality). "
+        "For another retrieval task, pass `prompt=\"task: <your task> | query: \"` for its queries.",
         "",
         "### Saved prompts",
         "",

@@ -54,14 +54,18 @@ def saved_prompts() -> dict[str, str]:
 
     `query`: a generic query (`task: search result | query: `), used by `model.encode_query(x)`;
     `document`: `title: none | text: ` (used by `model.encode_document(x)`); and one per known
-    evaluation task (`scifact`, `stsb`, `sts12`..`sts16`, `banking77`) with its task description.
-    No default prompt is set, so `model.encode(x)` embeds x as given.
+    retrieval task (`scifact`) with its task description. Symmetric tasks (STS, classification)
+    get none: the students scored STS-B points lower with the sentence-similarity prompt than
+    with the plain sentences (README, Quality), so the card says to embed those texts as they are,
+    and `gecko eval --prompts model` does. No default prompt is set, so `model.encode(x)` embeds x
+    as given.
     """
-    from gecko.evaluate.tasks import KNOWN_TASKS
+    from gecko.evaluate.tasks import KNOWN_TASKS, RetrievalTask
 
     prompts = {"query": f"task: {GENERIC_QUERY_TASK} | query: ", "document": "title: none | text: "}
     for name, known in KNOWN_TASKS.items():
-        prompts[name] = f"task: {known.prompt} | query: "
+        if issubclass(known.cls, RetrievalTask):
+            prompts[name] = f"task: {known.prompt} | query: "
     return prompts
 
 
@@ -555,7 +559,7 @@ def _evaluate(out: Path, config: TrainConfig, dims: list[int]) -> str:
     """Score the trained model (and the base, when asked) with `gecko.evaluate`; markdown table."""
     from gecko.evaluate import evaluate, load_baseline
 
-    options = dict(prompts=True, progress=config.progress)
+    options = dict(prompts="model", progress=config.progress)  # as the card says; the base as MTEB scores it
     results = evaluate(str(out), config.eval_tasks, dims, **options)
     baseline = load_baseline(config.base, config.eval_tasks, dims, **options) if config.eval_baseline else None
     results.write(out / ".eval", baseline=baseline)
