@@ -48,7 +48,8 @@ def holdout_lines(results, baseline) -> list[str]:
              "relabeled positive as the relevant passage. " + (
                  f"**Warning: the trained model is worse than its base there at dim {', '.join(str(r['dim']) for r in worse)} "
                  f"(Δ {', '.join(format(r['delta'], '+.2f') for r in worse)}): the fine-tune did not help on this corpus.**"
-                 if worse else f"The trained model beats its base there at every dim (Δ {rows[0]['delta']:+.2f} at {rows[0]['dim']}).")]
+                 if worse else f"The trained model is no worse than its base there at any dim "
+                 f"(Δ {', '.join(format(r['delta'], '+.2f') for r in rows)} at {', '.join(str(r['dim']) for r in rows)}).")]
     lines.append("Synthetic queries come from the same LLM and prompts as the training data, so they overstate quality; "
                  + (f"the real tasks ({', '.join(others)}) are the numbers to trust." if others else
                     "add a labelled task to `eval.tasks` for numbers to trust."))
