@@ -1,12 +1,16 @@
-"""Issue 7's quality table: SciFact nDCG@10 before/after at every dim, with paired-bootstrap CIs, for runs.
+"""The quality table: SciFact nDCG@10 before/after at every dim with paired-bootstrap CIs, and STS.
 
-Reads finished `gecko run` folders (each with `train/model` and `eval/`), embeds SciFact's test
-queries and corpus with each trained model and the base model exactly as `gecko eval` does (same
-texts, same embedding cache, so nothing is encoded again after the runs' own eval), scores every
-judged query, and prints per run and dim: nDCG@10, the change against the base model with a 95%
-paired-bootstrap interval over the 300 test queries, and STS-B Spearman from the run's eval.
+Takes trained models (a `gecko run` folder, its `train/model` is used, or a model folder), embeds
+SciFact's queries (test, or `--split train` for the 809 dev queries that settings are chosen on)
+and corpus with each model and with the base model, scores every judged query, and prints per
+model and dim: nDCG@10, the change against the base with a 95% paired-bootstrap interval over the
+queries, and STS-B Spearman (test, or dev with `--split train`). `--prompts model` (default)
+compares as users will use the models: each trained model as its card says (its saved prompts),
+the base as MTEB scores it (plain texts); `--prompts gecko` gives both the Gecko formats (the
+same-prompts column). Embeddings come from gecko's cache, so rows already scored cost nothing.
 
-    .venv/bin/python benchmarks/quality.py runs/q/main runs/q/p1-none ... [--names p1+pN,p1+none,...] [--versus p1+pN]
+    .venv/bin/python benchmarks/quality.py runs/sf2 runs/sf2-kl [--names recipe,kl] [--versus recipe]
+        [--prompts model|gecko] [--split test|train] [--sts stsb,sts12,...]
 """
 
 from __future__ import annotations
@@ -14,27 +18,35 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-SCIFACT = Path(__file__).resolve().parents[2] / "shared" / "data" / "scifact"
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 DIMS = (384, 256, 128, 64)
 
 
-def per_query_ndcg(model: str, data, task) -> dict[int, list[float]]:
+def model_folder(path: Path) -> str:
+    return str(path / "train" / "model") if (path / "train" / "model").is_dir() else str(path)
+
+
+def per_query_ndcg(model: str, data, task, mode: str) -> dict[int, list[float]]:
     from gecko.evaluate.encoder import Embedder, Prompts, truncate
     from gecko.evaluate.metrics import exact_ranking, ranking_per_query
 
-    embedder, style = Embedder(model, progress=False), Prompts(True)
+    embedder = Embedder(model, progress=False)
+    style = Prompts(mode, getattr(embedder.model, "prompts", None))
     qids = list(data.queries)
     q = embedder.embed([style.query(data.queries[i], task) for i in qids])
     d = embedder.embed([style.document(p.title, p.text) for p in data.corpus])
     ids = [p.id for p in data.corpus]
-    return {dim: ranking_per_query(exact_ranking(qids, truncate(q, dim), ids, truncate(d, dim), 10), data.qrels, (10,))["ndcg_at_10"] for dim in DIMS}
+    return {dim: ranking_per_query(exact_ranking(qids, truncate(q, dim), ids, truncate(d, dim), 10), data.qrels, (10,))["ndcg_at_10"]
+            for dim in DIMS}
 
 
-def stsb(run: Path, which: str) -> dict[int, float]:
-    """STS-B test Spearman (cosine) per dim, from the run's own eval (`eval/base` or `eval/trained`)."""
-    from gecko.evaluate import load_results
+def sts_scores(model: str, names: list[str], split: str, mode: str) -> dict[str, dict[int, float]]:
+    from gecko.evaluate import evaluate
+    from gecko.evaluate.tasks import resolve_task
 
-    return {dim: load_results(run / "eval" / which).task("stsb").main_score(dim) for dim in DIMS}
+    tasks = [resolve_task(name, DATA / name, split=split if name == "stsb" else None) for name in names]
+    results = evaluate(model, tasks, list(DIMS), prompts=mode, backend="builtin", progress=False)
+    return {name: {d: results.task(name).main_score(d) for d in DIMS} for name in names}
 
 
 def main() -> None:
@@ -42,6 +54,9 @@ def main() -> None:
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--names", default=None, help="comma-separated labels for the runs")
     parser.add_argument("--versus", default=None, help="also print each run's Δ against this run (a name), paired over the queries")
+    parser.add_argument("--prompts", choices=["model", "gecko"], default="model")
+    parser.add_argument("--split", choices=["test", "train"], default="test", help="train: SciFact's train queries and STS-B dev")
+    parser.add_argument("--sts", default="stsb", help="comma-separated STS / classification sets in ../shared/data")
     args = parser.parse_args()
     names = args.names.split(",") if args.names else [r.name for r in args.runs]
     if len(names) != len(args.runs):
@@ -52,26 +67,32 @@ def main() -> None:
     from gecko.evaluate.metrics import paired_bootstrap_ci
     from gecko.evaluate.tasks import load_task_data, resolve_task
 
-    task = resolve_task("scifact", SCIFACT)
+    task = resolve_task("scifact", DATA / "scifact", split=args.split)
     data = load_task_data(task)
-    base = per_query_ndcg("default", data, task)
-    base_sts = stsb(args.runs[0], "base")
-    header = "| run | " + " | ".join(f"nDCG@10 {d} (Δ, 95% CI)" for d in DIMS) + " | " + " | ".join(f"STS-B {d}" for d in DIMS) + " |"
-    print(header)
-    print("|---" * (1 + 2 * len(DIMS)) + "|")
+    sts_names = [n for n in args.sts.split(",") if n]
+    sts_split = "dev" if args.split == "train" else "test"
+    base = per_query_ndcg("default", data, task, "none" if args.prompts == "model" else "gecko")
+    base_sts = sts_scores("default", sts_names, sts_split, "none" if args.prompts == "model" else "gecko")
     mean = lambda xs: 100 * sum(xs) / len(xs)  # noqa: E731
+    print("| model | " + " | ".join(f"nDCG@10 {d} (Δ, 95% CI)" for d in DIMS) + " | "
+          + " | ".join(f"{n} {d}" for n in sts_names for d in DIMS) + " |")
+    print("|---" * (1 + len(DIMS) * (1 + len(sts_names))) + "|")
     print("| base (all-MiniLM-L6-v2) | " + " | ".join(f"{mean(base[d]):.2f}" for d in DIMS) + " | "
-          + " | ".join(f"{100 * base_sts[d]:.2f}" for d in DIMS) + " |")
+          + " | ".join(f"{100 * base_sts[n][d]:.2f}" for n in sts_names for d in DIMS) + " |")
     scored = {}
     for name, run in zip(names, args.runs):
-        ours = scored[name] = per_query_ndcg(str(run / "train" / "model"), data, task)
-        sts = stsb(run, "trained")
+        model = model_folder(run)
+        ours = scored[name] = per_query_ndcg(model, data, task, args.prompts)
+        sts = sts_scores(model, sts_names, sts_split, args.prompts)
         cells = []
         for d in DIMS:
             lo, hi = paired_bootstrap_ci(ours[d], base[d])
             cells.append(f"{mean(ours[d]):.2f} ({mean(ours[d]) - mean(base[d]):+.2f}; {100 * lo:+.1f}..{100 * hi:+.1f})")
-        print(f"| {name} | " + " | ".join(cells) + " | " + " | ".join(f"{100 * sts[d]:.2f} ({100 * (sts[d] - base_sts[d]):+.2f})" for d in DIMS) + " |")
-    print(f"\n{len(base[DIMS[0]])} SciFact test queries; Δ against the base model with the same prompts; "
+        print(f"| {name} | " + " | ".join(cells) + " | "
+              + " | ".join(f"{100 * sts[n][d]:.2f} ({100 * (sts[n][d] - base_sts[n][d]):+.2f})" for n in sts_names for d in DIMS) + " |")
+    how = ("each model as its card says, the base as MTEB scores it (plain texts)" if args.prompts == "model"
+           else "both with the Gecko prompts")
+    print(f"\n{len(base[DIMS[0]])} SciFact {args.split} queries, STS on {sts_split}; {how}; "
           "CI: 10,000 paired bootstrap resamples of the queries.")
     if args.versus:
         ref = scored[args.versus]

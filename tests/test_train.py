@@ -314,7 +314,7 @@ def test_mixture_weights_and_no_duplicate_text_in_a_batch(scifact_examples, shar
     # repeats are whole passes: each relabelled example exactly three times
     assert set(collections.Counter(e.anchor for e in mixture.per_source["relabelled"]).values()) == {3}
 
-    dataset, uses_counts = _build_datasets(mixture, homogeneous=False, hard_negatives="own", seed=0)
+    dataset, uses_counts, _ = _build_datasets(mixture, homogeneous=False, hard_negatives="own", seed=0)
     assert uses_counts and dataset.column_names == ["anchor", "positive", "negative_1", "label"]
     sampler = NoDuplicatesBatchSampler(dataset, batch_size=8, drop_last=True, valid_label_columns=["label"],
                                        generator=torch.Generator(), seed=0)
@@ -328,7 +328,7 @@ def test_mixture_weights_and_no_duplicate_text_in_a_batch(scifact_examples, shar
         assert len(texts) == len(set(texts)), "a text appears twice in one batch"
 
     # homogeneous: every batch from one source, sources drawn in proportion to their epoch share
-    parts, _ = _build_datasets(mixture, homogeneous=True, hard_negatives="own", seed=0)
+    parts, _, _ = _build_datasets(mixture, homogeneous=True, hard_negatives="own", seed=0)
     samplers = [NoDuplicatesBatchSampler(d, batch_size=4, drop_last=True, valid_label_columns=["label"],
                                          generator=torch.Generator(), seed=0) for d in parts.values()]
     concat = ConcatDataset(list(parts.values()))

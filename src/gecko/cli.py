@@ -466,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--distill-weight", type=float, default=None,
                     help="weight of the listwise KL(LLM teacher || student) term over each query's candidates (default 0: off)")
     tr.add_argument("--distill-teacher", choices=["ql", "fused", "retriever"], default=None, help="the teacher's score (default ql)")
-    tr.add_argument("--distill-temperature", type=float, default=None, help="the teacher's softmax temperature (default 1)")
+    tr.add_argument("--distill-temperature", type=float, default=None, help="the teacher's softmax temperature (default 5)")
     tr.add_argument("--distill-list", type=int, default=None, help="texts per query in the KL term (default 8)")
     tr.add_argument("--pretrain-data", action="append", metavar="[NAME=]PATH[:WEIGHT]",
                     help="repeatable: pre-finetuning stage on pairs, in-batch negatives only, before fine-tuning")
