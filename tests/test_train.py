@@ -449,6 +449,23 @@ def test_train_with_listwise_distillation_from_relabeled_candidates(shared_data,
     assert "KL(teacher ql || student) over 4 candidates" in fine["loss"]["formula"] and fine["loss"]["distill_weight"] == 1.0
 
 
+def test_bad_data_leaves_no_state_and_a_kill_before_the_card_is_completed_by_resume(scifact_examples, tmp_path):
+    out = tmp_path / "model"
+    bad = TrainConfig(data=[DataSpec(str(tmp_path / "missing.jsonl"))], out=str(out), steps=1, batch_size=4, progress=False)
+    with pytest.raises(ValueError, match="missing.jsonl"):
+        train(bad)
+    assert not (out / ".train").exists()
+    # the same --out with the data fixed is a new run, not "pass --resume"
+    good = TrainConfig(data=[DataSpec(str(scifact_examples))], out=str(out), steps=1, batch_size=4, max_seq_length=32,
+                       progress=False, keep_checkpoints=True)
+    train(good)
+    # as if killed after training.json, before the card and the clean-up
+    (out / "README.md").unlink()
+    assert (out / ".train").exists()
+    train(TrainConfig(**{**good.__dict__, "resume": True, "keep_checkpoints": False}))
+    assert (out / "README.md").is_file() and not (out / ".train").exists()
+
+
 def _events(out: Path) -> list[dict]:
     path = out / "train_log.jsonl"
     if not path.exists():

@@ -485,9 +485,14 @@ def train(config: TrainConfig) -> Path:
     out = Path(config.out)
     main = _rank() == 0
     if (out / "training.json").is_file() and config.resume:
+        if main and (out / STATE_DIR).exists():  # killed after the model was saved: eval, card, clean-up
+            record = json.loads((out / "training.json").read_text(encoding="utf-8"))
+            _complete(out, config, record, record["stages"][-1]["loss"]["matryoshka_dims"])
         return out  # every rank sees the same finished folder
     if main:
         _check_out(out, config)
+        for spec in [*config.data, *(config.pretrain.data if config.pretrain else [])]:
+            load_source(spec, seed=config.seed)  # bad data fails here, before the run's state exists
     state_dir = out / STATE_DIR
     if main:
         state_dir.mkdir(parents=True, exist_ok=True)
@@ -529,7 +534,7 @@ def train(config: TrainConfig) -> Path:
 
 
 def _finish(out: Path, config: TrainConfig, model, results: list[StageResult], events: EventLog) -> None:
-    from gecko.train.card import plot_loss, write_model_card
+    from gecko.train.card import plot_loss
 
     model.prompts = saved_prompts()
     model.default_prompt_name = None
@@ -548,8 +553,16 @@ def _finish(out: Path, config: TrainConfig, model, results: list[StageResult], e
     }
     write_json_atomic(out / "training.json", record)
     events.write("done", out=str(out))
+    _complete(out, config, record, results[-1].loss["matryoshka_dims"])
+
+
+def _complete(out: Path, config: TrainConfig, record: dict, dims: list[int]) -> None:
+    """After training.json: evaluation, the model card, then the state removed (the last step, so
+    a run killed before it is completed by `--resume`)."""
+    from gecko.train.card import write_model_card
+
     # evaluated last: README.md and hidden files are not part of the model identity the eval cache keys on
-    eval_md = _evaluate(out, config, results[-1].loss["matryoshka_dims"]) if config.eval_tasks else None
+    eval_md = _evaluate(out, config, dims) if config.eval_tasks else None
     write_model_card(out, record, eval_md)
     if not config.keep_checkpoints:
         shutil.rmtree(out / STATE_DIR, ignore_errors=True)
