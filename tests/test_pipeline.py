@@ -230,3 +230,14 @@ def test_a_removed_output_is_rebuilt_and_identical_results_skip_what_follows(res
     # relabel runs again from the LLM cache and writes the same file: train's input is unchanged
     assert again.status == {"generate": "skipped", "relabel": "ran", "train": "skipped", "eval": "skipped"}
     assert llm.backend_calls == calls
+
+
+def test_a_torn_manifest_resumes_the_stage_instead_of_deleting_its_work(resumed):
+    config, llm, result, _ = resumed
+    calls = llm.backend_calls
+    journal = result.run_dir / "relabel" / "relabeled.jsonl.journal"
+    kept = journal.read_text()
+    (result.run_dir / "relabel" / "manifest.json").write_text("")  # as if torn by a crash
+    again = run_pipeline(load_config(demo_config(), [f"run_dir={result.run_dir}", *TINY, "train.steps=3"]), llm=llm, progress=False)
+    assert again.status["relabel"] == "resumed" and journal.read_text().startswith(kept)
+    assert llm.backend_calls == calls  # nothing scored again: the journal was kept

@@ -222,10 +222,14 @@ def _run_stage(ctx: _Context, stage: _Stage) -> StageRun:
     if same and old["status"] == "done" and _intact(old, ctx.run_dir):
         ctx.say(f"== {stage.name}: done earlier ({old['finished']}), inputs and config unchanged: skipped")
         return StageRun(stage.name, "skipped", old)
-    resume = same and old["status"] == "running"
+    # a manifest that exists but cannot be read was torn by a crash: never delete the stage's work
+    # for it; the stage resumes from its own journal or checkpoints, which check their own settings
+    torn = old is None and path.exists()
+    resume = (same and old["status"] == "running") or torn
     if not resume and directory.exists():
         shutil.rmtree(directory)  # outputs of another config or input (LLM calls stay in the LLM cache)
-    reason = ("resuming an interrupted run" if resume else "its outputs were changed or removed: running again" if same
+    reason = ("its manifest is unreadable: resuming from the stage's own journal" if torn else
+              "resuming an interrupted run" if resume else "its outputs were changed or removed: running again" if same
               else "config or inputs changed: running again" if old else "first run")
     ctx.say(f"== {stage.name}: {reason}")
     manifest = {
@@ -236,7 +240,7 @@ def _run_stage(ctx: _Context, stage: _Stage) -> StageRun:
         "config": config,
         "inputs": inputs,
         "started": _now(),
-        "attempt": (old.get("attempt", 1) + 1) if resume else 1,
+        "attempt": (old.get("attempt", 1) + 1) if resume and old else 1,
     }
     write_json_atomic(path, manifest)
     started = time.perf_counter()
