@@ -26,9 +26,9 @@ import numpy as np
 
 from gecko.corpus import CorpusError, CorpusSummary, Passage, iter_passages
 from gecko.evaluate.encoder import Prompts, truncate
+from gecko.formats import query_prompt
 from gecko.models import DEFAULT, resolve_embedder
 
-QUERY_TASK_PROMPT = "task: {task} | query: "
 GECKO_DOCUMENT_PROMPT = "title: none | text: "  # what `gecko train` saves as the "document" prompt
 AS_CHOICES = ("query", "document")
 OUTPUT_SUFFIXES = (".npy", ".parquet")
@@ -88,7 +88,7 @@ class Encoder:
                 raise EncodeError("--task builds a query prompt; it cannot be combined with --as document")
             if not task.strip():
                 raise EncodeError("--task must not be empty")
-            return InputFormat(QUERY_TASK_PROMPT.format(task=task.strip()))
+            return InputFormat(query_prompt(task.strip()))
         if as_ is None:
             return InputFormat()
         prompt = self.prompts.get(as_)

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from gecko.evaluate.tasks import EvalError
+from gecko.formats import format_document, format_query, is_document_prompt
 from gecko.models import DEFAULT, file_sha256, gecko_home, resolve_embedder
 
 _SKIP = {"README.md", ".gitattributes"}
@@ -69,9 +70,6 @@ class Prompts:
       prompt is embedded plain, so a model without prompts is scored exactly as in `none`.
     """
 
-    QUERY = "task: {task} | query: {text}"
-    DOCUMENT = "title: {title} | text: {text}"
-
     def __init__(self, mode: str | bool = "gecko", saved: dict[str, str] | None = None):
         mode = {True: "gecko", False: "none"}.get(mode, mode) if isinstance(mode, bool) else mode
         if mode not in PROMPT_MODES:
@@ -89,14 +87,14 @@ class Prompts:
     def query(self, text: str, task) -> str:
         """A query-side text of `task` (queries; both sides of STS and classification)."""
         if self.mode == "gecko":
-            return f"task: {task.prompt} | query: {text}"
+            return format_query(text, task.prompt)
         prefix = self._saved_query(task) if self.mode == "model" else None
         return prefix + text if prefix else text
 
     def document(self, title: str, text: str) -> str:
         prefix = self.saved.get("document")
-        if self.mode == "gecko" or (prefix and prefix.startswith("title: ")):
-            return f"title: {title.strip() or 'none'} | text: {text}"
+        if self.mode == "gecko" or is_document_prompt(prefix):
+            return format_document(text, title)
         if prefix:
             return prefix + text
         # MTEB / BEIR: title and text joined by a space, stripped; the text alone when there is no title

@@ -14,7 +14,7 @@ Sources (`DataSpec.kind`, sniffed from the path when "auto"):
   (the Gecko paper's trick).
 * `beir`: a BEIR folder with `qrels.{split}.tsv`: one (query, judged document) pair per qrel.
 
-Formats (the paper's): query side `task: {task} | query: {text}`, document side
+Formats (`gecko.formats`, the paper's): query side `task: {task} | query: {text}`, document side
 `title: {title} | text: {text}` (title `none` when there is none); symmetric tasks (STS,
 classification, and rows with task_type `sentence_similarity` or `symmetric: true`) use the query
 format on both sides. Rows are dropped, and counted by reason, when a text is empty or the
@@ -33,24 +33,15 @@ from pathlib import Path
 from typing import Iterator
 
 from gecko.corpus import Passage, read_jsonl
+from gecko.formats import format_document, format_query
 from gecko.train.config import DataSpec
 
-QUERY_FORMAT = "task: {task} | query: {text}"
-DOCUMENT_FORMAT = "title: {title} | text: {text}"
 KINDS = ("examples", "sts", "classification", "beir")
 DEFAULT_TASKS = {"sts": "sentence similarity", "classification": "classification", "beir": "search result"}
 
 
 class TrainDataError(ValueError):
     """Training data that cannot be used as given; the message names the file and line."""
-
-
-def format_query(text: str, task: str) -> str:
-    return f"task: {task} | query: {text}"
-
-
-def format_document(text: str, title: str = "") -> str:
-    return f"title: {(title or '').strip() or 'none'} | text: {text}"
 
 
 TEACHERS = ("ql", "fused", "retriever")  # per-candidate scores of `gecko relabel` a listwise teacher can use

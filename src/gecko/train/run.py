@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gecko.formats import DOCUMENT_PROMPT, GENERIC_QUERY_TASK, query_prompt
 from gecko.journal import write_json_atomic
 from gecko.models import resolve_embedder
 from gecko.train.config import StageConfig, TrainConfig
@@ -35,7 +36,6 @@ from gecko.train.data import Mixture, build_mixture, load_source, to_columns
 
 logger = logging.getLogger(__name__)
 
-GENERIC_QUERY_TASK = "search result"
 STATE_DIR = ".train"
 DEFAULT_SMALLER_DIMS = (256, 128, 64)
 
@@ -62,10 +62,10 @@ def saved_prompts() -> dict[str, str]:
     """
     from gecko.evaluate.tasks import KNOWN_TASKS, RetrievalTask
 
-    prompts = {"query": f"task: {GENERIC_QUERY_TASK} | query: ", "document": "title: none | text: "}
+    prompts = {"query": query_prompt(GENERIC_QUERY_TASK), "document": DOCUMENT_PROMPT}
     for name, known in KNOWN_TASKS.items():
         if issubclass(known.cls, RetrievalTask):
-            prompts[name] = f"task: {known.prompt} | query: "
+            prompts[name] = query_prompt(known.prompt)
     return prompts
 
 

@@ -1,0 +1,33 @@
+"""The Gecko paper's text formats, in one place: what train writes is what eval, encode, serve
+and retrieve read (the ablated-best formats: the task goes in front of the query only).
+
+    query side     task: {task} | query: {text}
+    document side  title: {title} | text: {text}      (title `none` when there is none)
+
+Symmetric tasks (STS, classification) put both sides in the query format. A trained model saves
+its prompts (`query_prompt`, `DOCUMENT_PROMPT`) in sentence-transformers' config, so
+`model.encode_query` / `encode_document` embed exactly these strings.
+"""
+
+from __future__ import annotations
+
+GENERIC_QUERY_TASK = "search result"  # the task of `model.encode_query(x)` and of tasks that name none
+DOCUMENT_PROMPT = "title: none | text: "  # `model.encode_document(x)`: a document without a title
+
+
+def query_prompt(task: str) -> str:
+    """The prefix that makes a query of `task`: `task: {task} | query: `."""
+    return f"task: {task} | query: "
+
+
+def format_query(text: str, task: str) -> str:
+    return query_prompt(task) + text
+
+
+def format_document(text: str, title: str = "") -> str:
+    return f"title: {(title or '').strip() or 'none'} | text: {text}"
+
+
+def is_document_prompt(prefix: str | None) -> bool:
+    """Whether a saved document prompt is Gecko's (then the real title goes in, not `none`)."""
+    return bool(prefix) and prefix.startswith("title: ")
