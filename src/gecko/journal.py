@@ -62,6 +62,16 @@ class Journal:
         self._handle.close()
 
 
+def _replace_durably(tmp: str | Path, path: Path) -> None:
+    """Rename `tmp` over `path` and fsync the folder, so the rename itself survives a power loss."""
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_jsonl_atomic(path: str | Path, records: Iterable[dict]) -> int:
     """Write JSON lines to a temp file beside `path`, fsync, then rename over it."""
     path = Path(path)
@@ -74,19 +84,21 @@ def write_jsonl_atomic(path: str | Path, records: Iterable[dict]) -> int:
             count += 1
         handle.flush()
         os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    _replace_durably(tmp, path)
     return count
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write `text` to a unique temp file beside `path`, then rename over it (removed on failure)."""
+    """Write `text` to a unique temp file beside `path`, fsync, then rename over it (removed on failure)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
-        os.replace(tmp, path)
+            handle.flush()
+            os.fsync(handle.fileno())
+        _replace_durably(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
