@@ -129,6 +129,8 @@ def write_report(run_dir: Path, config: PipelineConfig, runs, results, baseline)
               f"- **positive changed** (the LLM's top passage is not the seed): {s['positive_changed']} of {s['examples']} "
               f"({s['positive_changed_rate']:.1%}; the paper saw ~15%)",
               "- seed rank under the base retriever: " + ", ".join(f"{k}: {v}" for k, v in s["seed_rank"].items()),
+              f"- likely false negatives kept out of the negatives: {s.get('likely_false_negatives', 0)}"
+              + ("" if s["config"].get("false_negative_ratio") or s["config"].get("false_negative_ql_margin") else " (guard off)"),
               f"- fusion: {s['config'].get('fusion')}, top_n {s['config'].get('top_n')}; LLM pairs scored: {s['pairs_scored']}, "
               f"calls {s['llm_calls']} (+{s['llm_cache_hits']} from the cache)"]
     if s.get("spearman_ql_rc") is not None:
