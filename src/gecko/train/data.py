@@ -442,15 +442,15 @@ def build_mixture(sources: list[SourceData], *, examples_per_epoch: int | None =
     return Mixture(sources, per_source)
 
 
-def listwise_texts(example: Example, size: int) -> tuple[list[str], list[str]]:
-    """The `size - 1 - len(negatives)` extra candidates spread evenly over the fused order (the
-    positive and negatives are in the list already), and the whole list: [positive, *negatives, *extras]."""
+def listwise_extras(example: Example, size: int) -> list[str]:
+    """The candidates that complete [positive, *negatives] to a list of `size` texts for the KL
+    term: spread evenly over the rest of the fused order, best and worst included."""
     known = {example.positive, *example.negatives}
     others = [text for text, _ in example.candidates if text not in known]
     want = max(0, size - 1 - len(example.negatives))
     if len(others) > want:
         others = [others[round(i * (len(others) - 1) / max(want - 1, 1))] for i in range(want)] if want else []
-    return others, [example.positive, *example.negatives, *others]
+    return others
 
 
 def to_columns(examples: list[Example], negatives: int, *, count_column: bool, listwise: int = 0,
@@ -459,8 +459,7 @@ def to_columns(examples: list[Example], negatives: int, *, count_column: bool, l
     = how many of the negative columns are real. Missing negatives are filled with the row's own
     positive (a duplicate inside its row, never seen across rows) and masked by the loss.
 
-    `listwise` = L > 0 adds candidate_1..candidate_(L-1-k) (the extra candidates of
-    `listwise_texts`) and makes `label` a row [negative count, teacher score of the positive,
+    `listwise` = L > 0 adds candidate_1..candidate_(L-1-k) (`listwise_extras`) and makes `label` a row [negative count, teacher score of the positive,
     of each negative column, of each candidate column], NaN where a text has no score (padding,
     or a row without candidates): what `ListwiseDistillLoss` reads."""
     columns: dict[str, list] = {"anchor": [], "positive": []}
@@ -481,9 +480,7 @@ def to_columns(examples: list[Example], negatives: int, *, count_column: bool, l
             if count_column:
                 columns["label"].append(len(real))
             continue
-        shown = Example(example.anchor, example.positive, real, example.candidates)
-        others, _ = listwise_texts(shown, listwise)
-        others = others[:extras]
+        others = listwise_extras(Example(example.anchor, example.positive, real, example.candidates), listwise)[:extras]
         for k in range(extras):
             columns[f"candidate_{k + 1}"].append(others[k] if k < len(others) else example.positive)
         score = {text: scores.get(teacher) for text, scores in example.candidates}
