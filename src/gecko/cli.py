@@ -360,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=_cmd_run)
 
     from gecko.evaluate.encoder import PROMPT_MODES
+    from gecko.train.data import TEACHERS
     from gecko.evaluate.tasks import IDENTICAL_IDS, RetrievalTask
 
     beir = argparse.ArgumentParser(add_help=False)  # how a BEIR folder is scored: eval and rerank-eval
@@ -465,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--corpus", default=None, help="the corpus of relabeled --data: gives the listwise term every candidate's text")
     tr.add_argument("--distill-weight", type=float, default=None,
                     help="weight of the listwise KL(LLM teacher || student) term over each query's candidates (default 0: off)")
-    tr.add_argument("--distill-teacher", choices=["ql", "fused", "retriever"], default=None, help="the teacher's score (default ql)")
+    tr.add_argument("--distill-teacher", choices=list(TEACHERS), default=None, help="the teacher's score (default ql)")
     tr.add_argument("--distill-temperature", type=float, default=None, help="the teacher's softmax temperature (default 5)")
     tr.add_argument("--distill-list", type=int, default=None, help="texts per query in the KL term (default 8)")
     tr.add_argument("--pretrain-data", action="append", metavar="[NAME=]PATH[:WEIGHT]",

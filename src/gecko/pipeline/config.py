@@ -84,8 +84,10 @@ class TrainStage:
     holdout_max: int = 500
 
     def train_config(self, examples: Path, corpus: str, out: Path, *, resume: bool, progress: bool) -> TrainConfig:
-        """`corpus`: where the relabeled candidates' texts are (for the listwise distillation term)."""
-        data = [DataSpec(str(examples), weight=self.weight, name="fret", kind="examples", corpus=corpus), *self.data]
+        """`corpus`: where the relabeled candidates' texts are, read only when the listwise
+        distillation term is on."""
+        listwise = corpus if self.settings.get("distill_weight") else None
+        data = [DataSpec(str(examples), weight=self.weight, name="fret", kind="examples", corpus=listwise), *self.data]
         return TrainConfig(data=data, out=str(out), resume=resume, progress=progress, **self.settings)
 
 

@@ -40,10 +40,12 @@ def split_holdout(relabeled: Path, corpus: str, out_dir: Path, share: float, max
     corpus.jsonl, queries.jsonl, qrels/test.tsv) with the queries of a `share` of the seed passages,
     at most `max_queries` of them (the seeds with the smallest draws)."""
     rows = [row for _, row in read_jsonl(relabeled, PipelineError)]
-    seeds = sorted({row["seed_id"] for row in rows if _draw(row["seed_id"]) < share}, key=_draw)
+    by_seed: dict[str, list[dict]] = {}
+    for row in rows:
+        by_seed.setdefault(row["seed_id"], []).append(row)
     held, chosen = [], set()
-    for seed in seeds:
-        queries = [row for row in rows if row["seed_id"] == seed]
+    for seed in sorted((s for s in by_seed if _draw(s) < share), key=_draw):
+        queries = by_seed[seed]
         if len(held) + len(queries) > max_queries:
             break
         held += queries
