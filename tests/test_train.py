@@ -19,6 +19,7 @@ import torch
 
 torch.set_num_threads(1)
 
+from gecko.formats import TextFormat  # noqa: E402
 from gecko.train import (  # noqa: E402
     DataSpec,
     GeckoCachedLoss,
@@ -267,6 +268,18 @@ def test_formats_and_relabel_rows(scifact_examples):
     assert ex.positive == f"title: {first['positive_title']} | text: {first['positive']}"
     assert ex.negatives == [f"title: {first['negative_title']} | text: {first['negative']}"]
     assert format_document("x") == "title: none | text: x" and format_query("x", "t") == "task: t | query: x"
+
+
+def test_plain_texts_without_prompts(scifact_examples, shared_data):
+    """--no-prompts: the texts as MTEB embeds a prompt-less model, and nothing saved to prepend."""
+    first = json.loads(scifact_examples.read_text().splitlines()[0])
+    ex = load_source(DataSpec(str(scifact_examples)), fmt=TextFormat(prompts=False)).examples[0]
+    assert ex.anchor == first["query"]
+    assert ex.positive == f"{first['positive_title']} {first['positive']}"
+    assert ex.negatives == [f"{first['negative_title']} {first['negative']}"]
+    sts = load_source(DataSpec(str(shared_data / "stsb"), limit=20), fmt=TextFormat(prompts=False)).examples
+    assert not any("task:" in text for e in sts for text in (e.anchor, e.positive))
+    assert saved_prompts(False) == {} and "query" in saved_prompts()
 
 
 def test_symmetric_sts_pairs(shared_data):

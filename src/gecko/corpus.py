@@ -72,6 +72,8 @@ class BeirDataset:
     corpus: list[Passage]
     queries: dict[str, str]  # only the queries judged in the chosen split
     qrels: dict[str, dict[str, int]]  # query id -> document id -> relevance
+    qrels_file: str = ""
+    absent: list[tuple[str, str]] = field(default_factory=list)  # (file:line, id) of qrels naming no corpus document
 
 
 class _Bad(Exception):
@@ -146,12 +148,13 @@ def check_corpus(path, **options) -> CorpusSummary:
     return summary
 
 
-def load_beir(directory, split: str = "test", **options) -> BeirDataset:
+def load_beir(directory, split: str = "test", *, strict: bool = True, **options) -> BeirDataset:
     """A BEIR dataset restricted to the queries judged in `split`.
 
-    Every qrels line must name a known query and corpus document, otherwise the relevance
-    labels would silently shrink. `options` go to `load_corpus` (e.g. `max_tokens`; qrels
-    still refer to `Passage.doc_id`).
+    Every qrels line must name a known query; when `strict`, also a known corpus document
+    (otherwise the relevance labels would silently shrink), else such qrels are kept, as BEIR and
+    mteb keep them, and listed in `absent`. `options` go to `load_corpus` (e.g. `max_tokens`;
+    qrels still refer to `Passage.doc_id`).
     """
     root = Path(directory)
     if not root.is_dir():
@@ -163,13 +166,16 @@ def load_beir(directory, split: str = "test", **options) -> BeirDataset:
     qrels_path = _first_existing(root, [f"qrels.{split}.tsv", f"qrels/{split}.tsv"])
     doc_ids = {p.doc_id for p in corpus}
     qrels: dict[str, dict[str, int]] = {}
+    absent = []
     for loc, (qid, docid, score) in _qrels_rows(qrels_path):
         if qid not in all_queries:
             raise CorpusError(f"{loc}: query id {qid!r} is not in {queries_path.name}")
         if docid not in doc_ids:
-            raise CorpusError(f"{loc}: corpus id {docid!r} is not in the corpus")
+            if strict:
+                raise CorpusError(f"{loc}: corpus id {docid!r} is not in the corpus")
+            absent.append((loc, docid))
         qrels.setdefault(qid, {})[docid] = score
-    return BeirDataset(corpus, {qid: all_queries[qid] for qid in qrels}, qrels)
+    return BeirDataset(corpus, {qid: all_queries[qid] for qid in qrels}, qrels, str(qrels_path), absent)
 
 
 # ---------------------------------------------------------------- validation and splitting
@@ -307,6 +313,9 @@ def _jsonl_records(path: Path) -> Iterator[tuple[str, dict | _Bad]]:
                 except json.JSONDecodeError as err:
                     yield loc, _Bad("invalid-json", f"invalid JSON: {err.msg} (column {err.colno})")
                     continue
+                except RecursionError:
+                    yield loc, _Bad("invalid-json", "invalid JSON: nested too deeply")
+                    continue
                 yield loc, record if isinstance(record, dict) else _Bad("invalid-json", "expected a JSON object")
     except (OSError, EOFError, zlib.error) as err:
         raise CorpusError(f"{path}: cannot read: {err}") from None
@@ -350,7 +359,14 @@ def _parquet_records(path: Path, fields: _Fields) -> Iterator[tuple[str, dict | 
     fields = _resolve_columns(path, table.schema_arrow.names, fields)
     columns = [c for c in (*fields.ids, fields.title, fields.text) if c in table.schema_arrow.names]
     row = 0
-    for batch in table.iter_batches(columns=columns):
+    batches = table.iter_batches(columns=columns)
+    while True:
+        try:  # a corrupt page shows only when its batch is read
+            batch = next(batches, None)
+        except (pa.ArrowException, OSError) as err:
+            raise CorpusError(f"{path}: cannot read Parquet after row {row}: {err}") from None
+        if batch is None:
+            return
         for record in batch.to_pylist():
             row += 1
             yield f"{path}:row {row}", record

@@ -11,6 +11,8 @@ its prompts (`query_prompt`, `DOCUMENT_PROMPT`) in sentence-transformers' config
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 GENERIC_QUERY_TASK = "search result"  # the task of `model.encode_query(x)` and of tasks that name none
 DOCUMENT_PROMPT = "title: none | text: "  # `model.encode_document(x)`: a document without a title
 
@@ -31,3 +33,24 @@ def format_document(text: str, title: str = "") -> str:
 def is_document_prompt(prefix: str | None) -> bool:
     """Whether a saved document prompt is Gecko's (then the real title goes in, not `none`)."""
     return bool(prefix) and prefix.startswith("title: ")
+
+
+def plain_document(text: str, title: str = "") -> str:
+    """A document as MTEB and BEIR embed it for a model without prompts: title and text joined by a space."""
+    title = (title or "").strip()
+    return f"{title} {text}".strip() if title else text.strip()
+
+
+@dataclass(frozen=True)
+class TextFormat:
+    """How training writes its texts: the Gecko formats above (`prompts=True`, the paper's), or
+    plain texts (`prompts=False`): as a prompt-less base was trained and as MTEB embeds it, so
+    the student starts from the base's own scores and its card needs no prompts."""
+
+    prompts: bool = True
+
+    def query(self, text: str, task: str) -> str:
+        return format_query(text, task) if self.prompts else text
+
+    def document(self, text: str, title: str = "") -> str:
+        return format_document(text, title) if self.prompts else plain_document(text, title)

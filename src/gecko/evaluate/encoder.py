@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from gecko.evaluate.tasks import EvalError
-from gecko.formats import format_document, format_query, is_document_prompt
+from gecko.formats import format_document, format_query, is_document_prompt, plain_document
 from gecko.models import DEFAULT, file_sha256, gecko_home, resolve_embedder
 
 _SKIP = {"README.md", ".gitattributes"}
@@ -97,8 +97,7 @@ class Prompts:
             return format_document(text, title)
         if prefix:
             return prefix + text
-        # MTEB / BEIR: title and text joined by a space, stripped; the text alone when there is no title
-        return (title + " " + text).strip() if title else text.strip()
+        return plain_document(text, title)
 
     def describe(self, task) -> dict:
         symmetric = task.type != "retrieval"

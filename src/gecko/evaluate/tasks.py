@@ -30,16 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from gecko.corpus import (
-    CorpusError,
-    Passage,
-    _documents,
-    _Fields,
-    _first_existing,
-    _jsonl_records,
-    _qrels_rows,
-    load_corpus,
-)
+from gecko.corpus import CorpusError, Passage, load_beir
 
 
 class EvalError(ValueError):
@@ -302,32 +293,15 @@ def load_task_data(task: Task):
 
 
 def _load_retrieval(task: RetrievalTask) -> RetrievalData:
-    """The judged queries of a BEIR folder, its corpus and qrels; unlike `gecko.corpus.load_beir`,
-    qrels naming a document the corpus lacks are kept (as BEIR and mteb keep them) unless `strict`."""
-    root = task.path
-    corpus, _ = load_corpus(_first_existing(root, ["corpus.jsonl", "corpus.jsonl.gz"]))
-    queries_path = _first_existing(root, ["queries.jsonl", "queries.jsonl.gz"])
-    records = _documents(_jsonl_records(queries_path), _Fields(("_id", "id"), "title", "text"), False, None)
-    all_queries = {qid: text for qid, _, text in records}
-    qrels_path = _first_existing(root, [f"qrels.{task.split}.tsv", f"qrels/{task.split}.tsv"])
-    doc_ids = {p.doc_id for p in corpus}
-    qrels: dict[str, dict[str, int]] = {}
-    absent = []
-    for loc, (qid, docid, score) in _qrels_rows(qrels_path):
-        if qid not in all_queries:
-            raise CorpusError(f"{loc}: query id {qid!r} is not in {queries_path.name}")
-        if docid not in doc_ids:
-            if task.strict:
-                raise CorpusError(f"{loc}: corpus id {docid!r} is not in the corpus")
-            absent.append((loc, docid))
-        qrels.setdefault(qid, {})[docid] = score
-    if not qrels:
+    """The judged queries of a BEIR folder, its corpus and qrels; qrels naming a document the
+    corpus lacks are kept (as BEIR and mteb keep them) unless `strict`."""
+    data = load_beir(task.path, task.split, strict=task.strict)
+    if not data.qrels:
         raise EvalError(f"task {task.name}: {task.path}: qrels for split {task.split!r} judge no query")
-    in_corpus = sum(1 for qid in qrels if qid in doc_ids)
+    doc_ids = {p.doc_id for p in data.corpus}
+    in_corpus = sum(1 for qid in data.qrels if qid in doc_ids)
     ignore, rule = identical_ids_rule(task, in_corpus)
-    return RetrievalData(
-        corpus, {qid: all_queries[qid] for qid in qrels}, qrels, ignore, rule, in_corpus, str(qrels_path), absent
-    )
+    return RetrievalData(data.corpus, data.queries, data.qrels, ignore, rule, in_corpus, data.qrels_file, data.absent)
 
 
 def identical_ids_rule(task: RetrievalTask, query_ids_in_corpus: int) -> tuple[bool, str]:

@@ -12,6 +12,7 @@ weighted mixture), `loss` (GeckoLoss / GeckoCachedLoss on sentence-transformers'
 (the Trainer run, checkpoints and resume, saving), `card` (model card and loss plot).
 """
 
+from gecko.formats import format_document, format_query
 from gecko.train.config import DataSpec, StageConfig, TrainConfig
 from gecko.train.data import (
     Example,
@@ -20,8 +21,6 @@ from gecko.train.data import (
     TrainDataError,
     build_mixture,
     classification_triples,
-    format_document,
-    format_query,
     load_source,
     to_columns,
 )

@@ -35,6 +35,43 @@ def _table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+def _usage_with_prompts(prompts: dict[str, str]) -> list[str]:
+    return [
+        "```python",
+        "from sentence_transformers import SentenceTransformer",
+        "model = SentenceTransformer(PATH)                   # or truncate_dim=256 for a smaller embedding",
+        "q = model.encode_query([\"does aspirin thin blood?\"])  # prompt 'query': task: search result | query: ...",
+        "d = model.encode_document([\"Aspirin inhibits ...\"])  # prompt 'document': title: none | text: ...",
+        "c = model.encode([\"a claim\"], prompt_name=\"scifact\")  # the task prompt of a known eval set",
+        "x = model.encode([\"task: my task | query: my text\"])  # no default prompt: texts go in as given",
+        "```",
+        "",
+        "Queries were trained as `task: {task} | query: {text}`, documents as `title: {title} | text: {text}`; "
+        "symmetric tasks (STS, classification) use the query format on both sides in training, but embed their "
+        "texts plain, with no prompt, when you use the model: that scored higher on STS-B (gecko's README, Quality). "
+        "For another retrieval task, pass `prompt=\"task: <your task> | query: \"` for its queries.",
+        "",
+        "### Saved prompts",
+        "",
+        _table(["prompt_name", "prefix"], [[f"`{k}`", f"`{v}`"] for k, v in prompts.items()]),
+        "",
+    ]
+
+
+def _usage_plain() -> list[str]:
+    return [
+        "```python",
+        "from sentence_transformers import SentenceTransformer",
+        "model = SentenceTransformer(PATH)  # or truncate_dim=256 for a smaller embedding",
+        "q = model.encode([\"does aspirin thin blood?\"])  # queries and documents as they are",
+        "```",
+        "",
+        "Trained on plain texts (`gecko train --no-prompts`): queries as they are, documents as `{title} {text}`, "
+        "as MTEB embeds a model without prompts; no prompts are saved.",
+        "",
+    ]
+
+
 def model_card(record: dict, eval_md: str | None = None) -> str:
     stages = record["stages"]
     final = stages[-1]
@@ -56,24 +93,7 @@ def model_card(record: dict, eval_md: str | None = None) -> str:
         "",
         "## Usage",
         "",
-        "```python",
-        "from sentence_transformers import SentenceTransformer",
-        "model = SentenceTransformer(PATH)                   # or truncate_dim=256 for a smaller embedding",
-        "q = model.encode_query([\"does aspirin thin blood?\"])  # prompt 'query': task: search result | query: ...",
-        "d = model.encode_document([\"Aspirin inhibits ...\"])  # prompt 'document': title: none | text: ...",
-        "c = model.encode([\"a claim\"], prompt_name=\"scifact\")  # the task prompt of a known eval set",
-        "x = model.encode([\"task: my task | query: my text\"])  # no default prompt: texts go in as given",
-        "```",
-        "",
-        "Queries were trained as `task: {task} | query: {text}`, documents as `title: {title} | text: {text}`; "
-        "symmetric tasks (STS, classification) use the query format on both sides in training, but embed their "
-        "texts plain, with no prompt, when you use the model: that scored higher on STS-B (gecko's README, Quality). "
-        "For another retrieval task, pass `prompt=\"task: <your task> | query: \"` for its queries.",
-        "",
-        "### Saved prompts",
-        "",
-        _table(["prompt_name", "prefix"], [[f"`{k}`", f"`{v}`"] for k, v in prompts.items()]),
-        "",
+        *(_usage_with_prompts(prompts) if prompts else _usage_plain()),
         "## Training data",
         "",
     ]

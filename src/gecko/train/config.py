@@ -94,6 +94,9 @@ class TrainConfig:
     max_seq_length: int | None = None  # default: the base model's
     temperature: float = 0.05
     same_tower: bool = True
+    # Gecko's task prompts on the inputs (the paper); False: plain texts and no saved prompts, as
+    # a prompt-less base (all-MiniLM-L6-v2) was trained and as MTEB embeds it
+    prompts: bool = True
     hard_negatives: str = "own"  # own | batch | none
     homogeneous: bool = False  # every batch from one source
     examples_per_epoch: int | None = None

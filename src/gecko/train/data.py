@@ -14,7 +14,7 @@ Sources (`DataSpec.kind`, sniffed from the path when "auto"):
   (the Gecko paper's trick).
 * `beir`: a BEIR folder with `qrels.{split}.tsv`: one (query, judged document) pair per qrel.
 
-Formats (`gecko.formats`, the paper's): query side `task: {task} | query: {text}`, document side
+Formats (`gecko.formats`, the paper's, unless `TrainConfig.prompts` is off: then plain texts): query side `task: {task} | query: {text}`, document side
 `title: {title} | text: {text}` (title `none` when there is none); symmetric tasks (STS,
 classification, and rows with task_type `sentence_similarity` or `symmetric: true`) use the query
 format on both sides. Rows are dropped, and counted by reason, when a text is empty or the
@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Iterator
 
 from gecko.corpus import Passage, read_jsonl
-from gecko.formats import format_document, format_query
+from gecko.formats import TextFormat
 from gecko.train.config import DataSpec
 
 KINDS = ("examples", "sts", "classification", "beir")
@@ -116,7 +116,7 @@ def sniff_kind(path: Path, split: str = "train") -> str:
                          "an STS .tsv or folder, a classification .csv or folder, or a BEIR folder")
 
 
-def load_source(spec: DataSpec, seed: int = 0) -> SourceData:
+def load_source(spec: DataSpec, seed: int = 0, fmt: TextFormat = TextFormat()) -> SourceData:
     path = Path(spec.path)
     if not path.exists():
         raise TrainDataError(f"{path}: no such file or directory")
@@ -125,7 +125,7 @@ def load_source(spec: DataSpec, seed: int = 0) -> SourceData:
         raise TrainDataError(f"{path}: unknown data kind {kind!r}; known: {', '.join(KINDS)}")
     name = spec.name or _default_name(path)
     loader = {"examples": _load_examples, "sts": _load_sts, "classification": _load_classification, "beir": _load_beir}[kind]
-    source = loader(spec, path, name, seed)
+    source = loader(spec, path, name, seed, fmt)
     if not source.examples:
         raise TrainDataError(f"{path}: no usable training examples (dropped: {dict(source.dropped) or 'none'})")
     return source
@@ -187,7 +187,7 @@ def _passages(path: str) -> dict[str, Passage]:
         raise TrainDataError(str(err)) from None
 
 
-def _load_examples(spec: DataSpec, path: Path, name: str, seed: int) -> SourceData:
+def _load_examples(spec: DataSpec, path: Path, name: str, seed: int, fmt: TextFormat) -> SourceData:
     source = SourceData(spec, name, "examples", spec.task, [], symmetric="per row" if spec.symmetric is None else spec.symmetric)
     passages = _passages(spec.corpus) if spec.corpus else None
     for loc, row in _table_rows(path):
@@ -212,10 +212,10 @@ def _load_examples(spec: DataSpec, path: Path, name: str, seed: int) -> SourceDa
         negatives = [_clean(n) for n in _as_list(row.get("negative"))]
         titles = [_clean(t) for t in _as_list(row.get("negative_title"))]
         if symmetric:
-            doc = lambda text, title: format_query(text, task)  # noqa: E731
+            doc = lambda text, title: fmt.query(text, task)  # noqa: E731
         else:
-            doc = lambda text, title: format_document(text, title)  # noqa: E731
-        anchor = format_query(query, task)
+            doc = fmt.document
+        anchor = fmt.query(query, task)
         pos = doc(positive, _clean(row.get("positive_title")))
         kept: list[str] = []
         for i, neg in enumerate(negatives):
@@ -239,7 +239,7 @@ def _load_examples(spec: DataSpec, path: Path, name: str, seed: int) -> SourceDa
     return source
 
 
-def _load_sts(spec: DataSpec, path: Path, name: str, seed: int) -> SourceData:
+def _load_sts(spec: DataSpec, path: Path, name: str, seed: int, fmt: TextFormat) -> SourceData:
     file = path / f"{spec.split}.tsv" if path.is_dir() else path
     task = _task_for(spec, name, "sts")
     source = SourceData(spec, name, "sts", task, [], symmetric=True)
@@ -262,11 +262,11 @@ def _load_sts(spec: DataSpec, path: Path, name: str, seed: int) -> SourceData:
         elif a == b:
             source.dropped["identical_pair"] += 1
         else:
-            source.examples.append(Example(format_query(a, task), format_query(b, task)))
+            source.examples.append(Example(fmt.query(a, task), fmt.query(b, task)))
     return source
 
 
-def _load_classification(spec: DataSpec, path: Path, name: str, seed: int) -> SourceData:
+def _load_classification(spec: DataSpec, path: Path, name: str, seed: int, fmt: TextFormat) -> SourceData:
     file = path / f"{spec.split}.csv" if path.is_dir() else path
     task = _task_for(spec, name, "classification")
     texts: list[tuple[str, str]] = []
@@ -276,7 +276,7 @@ def _load_classification(spec: DataSpec, path: Path, name: str, seed: int) -> So
             raise TrainDataError(f"{loc}: classification data needs columns text and category (or label); got {sorted(row)}")
         texts.append((_clean(row["text"]), _clean(str(row[label_col]))))
     source = SourceData(spec, name, "classification", task, [], rows=len(texts), symmetric=True)
-    source.examples = classification_triples(texts, task, name=name, seed=seed, limit=spec.limit, dropped=source.dropped)
+    source.examples = classification_triples(texts, task, name=name, seed=seed, limit=spec.limit, dropped=source.dropped, fmt=fmt)
     return source
 
 
@@ -288,9 +288,10 @@ def classification_triples(
     seed: int = 0,
     limit: int | None = None,
     dropped: collections.Counter | None = None,
+    fmt: TextFormat = TextFormat(),
 ) -> list[Example]:
     """(x, x+ same label, x- other label) for each labelled text x, with one unique id appended to
-    all three texts: `{text} (id {name}-{n})`, then the query format on all three (symmetric task).
+    all three texts: `{text} (id {name}-{n})`, then `fmt`'s query format on all three (symmetric task).
 
     x+ and x- are drawn with `random.Random(seed)`; x+ is never x itself (by text), x- never shares
     x's label. Texts whose label has no other text are dropped (counted as `singleton_label`).
@@ -323,11 +324,11 @@ def classification_triples(
         other = rng.choice([lab for lab in labels if lab != label])
         negative = rng.choice(by_label[other])
         uid = f" (id {name}-{n})"
-        out.append(Example(format_query(text + uid, task), format_query(positive + uid, task), [format_query(negative + uid, task)]))
+        out.append(Example(fmt.query(text + uid, task), fmt.query(positive + uid, task), [fmt.query(negative + uid, task)]))
     return out
 
 
-def _load_beir(spec: DataSpec, path: Path, name: str, seed: int) -> SourceData:
+def _load_beir(spec: DataSpec, path: Path, name: str, seed: int, fmt: TextFormat) -> SourceData:
     from gecko.corpus import CorpusError, load_beir
 
     try:
@@ -349,8 +350,8 @@ def _load_beir(spec: DataSpec, path: Path, name: str, seed: int) -> SourceData:
             if not query or not passage.text.strip():
                 source.dropped["empty_text"] += 1
                 continue
-            positive = format_query(passage.text, task) if spec.symmetric else format_document(passage.text, passage.title)
-            source.examples.append(Example(format_query(query, task), positive))
+            positive = fmt.query(passage.text, task) if spec.symmetric else fmt.document(passage.text, passage.title)
+            source.examples.append(Example(fmt.query(query, task), positive))
     return source
 
 

@@ -28,11 +28,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gecko.formats import DOCUMENT_PROMPT, GENERIC_QUERY_TASK, query_prompt
+from gecko.formats import DOCUMENT_PROMPT, GENERIC_QUERY_TASK, TextFormat, query_prompt
 from gecko.journal import write_json_atomic
 from gecko.models import resolve_embedder
 from gecko.train.config import StageConfig, TrainConfig
-from gecko.train.data import Mixture, build_mixture, load_source, to_columns
+from gecko.train.data import Mixture, SourceData, build_mixture, load_source, to_columns
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def default_dims(full: int) -> list[int]:
     return [full] + [d for d in DEFAULT_SMALLER_DIMS if d < full]
 
 
-def saved_prompts() -> dict[str, str]:
+def saved_prompts(prompts: bool = True) -> dict[str, str]:
     """The prompts saved with the model (config_sentence_transformers.json).
 
     `query`: a generic query (`task: search result | query: `), used by `model.encode_query(x)`;
@@ -58,9 +58,12 @@ def saved_prompts() -> dict[str, str]:
     get none: the students scored STS-B points lower with the sentence-similarity prompt than
     with the plain sentences (README, Quality), so the card says to embed those texts as they are,
     and `gecko eval --prompts model` does. No default prompt is set, so `model.encode(x)` embeds x
-    as given.
+    as given. A model trained without prompts (`TrainConfig.prompts` off) saves none.
     """
     from gecko.evaluate.tasks import KNOWN_TASKS, RetrievalTask
+
+    if not prompts:
+        return {}
 
     prompts = {"query": query_prompt(GENERIC_QUERY_TASK), "document": DOCUMENT_PROMPT}
     for name, known in KNOWN_TASKS.items():
@@ -305,7 +308,7 @@ def _run_stage(
     config: TrainConfig,
     *,
     base: str,
-    data,
+    sources: list[SourceData],
     steps: int | None,
     epochs: float,
     batch_size: int,
@@ -320,7 +323,6 @@ def _run_stage(
     from sentence_transformers.base.sampler import BatchSamplers, MultiDatasetBatchSamplers
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    sources = [load_source(spec, seed=config.seed) for spec in data]
     if hard_negatives == "none":  # pairs only: do not embed negatives the loss ignores
         for source in sources:
             for example in source.examples:
@@ -450,8 +452,8 @@ def _run_stage(
 
 def _stage_params(config: TrainConfig, stage: StageConfig | None):
     if stage is None:
-        return dict(data=config.data, steps=config.steps, epochs=config.epochs, batch_size=config.batch_size, lr=config.lr)
-    return dict(data=stage.data, steps=stage.steps, epochs=stage.epochs, batch_size=stage.batch_size or config.batch_size,
+        return dict(steps=config.steps, epochs=config.epochs, batch_size=config.batch_size, lr=config.lr)
+    return dict(steps=stage.steps, epochs=stage.epochs, batch_size=stage.batch_size or config.batch_size,
                 lr=stage.lr or config.lr)
 
 
@@ -491,8 +493,10 @@ def train(config: TrainConfig) -> Path:
         return out  # every rank sees the same finished folder
     if main:
         _check_out(out, config)
-        for spec in [*config.data, *(config.pretrain.data if config.pretrain else [])]:
-            load_source(spec, seed=config.seed)  # bad data fails here, before the run's state exists
+    # read once; bad data fails here, before the run's state exists
+    fmt = TextFormat(config.prompts)
+    sources = [load_source(spec, seed=config.seed, fmt=fmt) for spec in config.data]
+    pretrain_sources = [load_source(spec, seed=config.seed, fmt=fmt) for spec in config.pretrain.data] if config.pretrain else []
     state_dir = out / STATE_DIR
     if main:
         state_dir.mkdir(parents=True, exist_ok=True)
@@ -510,7 +514,8 @@ def train(config: TrainConfig) -> Path:
             events.write("skip", stage="pretrain", reason="finished earlier")
         else:
             params = _stage_params(config, config.pretrain)
-            result, trainer, model = _run_stage("pretrain", config, base=base, same_tower=False, hard_negatives="none",
+            result, trainer, model = _run_stage("pretrain", config, base=base, sources=pretrain_sources, same_tower=False,
+                                                hard_negatives="none",
                                                 stage_dir=pre_dir, events=events, **params)
             if main:
                 model.max_seq_length = result.extra["base_max_seq_length"]
@@ -523,7 +528,7 @@ def train(config: TrainConfig) -> Path:
         base = str(model_dir)
 
     params = _stage_params(config, None)
-    result, trainer, model = _run_stage("finetune", config, base=base, same_tower=config.same_tower,
+    result, trainer, model = _run_stage("finetune", config, base=base, sources=sources, same_tower=config.same_tower,
                                         hard_negatives=config.hard_negatives, stage_dir=state_dir / "finetune",
                                         events=events, **params)
     results.append(result)
@@ -536,7 +541,7 @@ def train(config: TrainConfig) -> Path:
 def _finish(out: Path, config: TrainConfig, model, results: list[StageResult], events: EventLog) -> None:
     from gecko.train.card import plot_loss
 
-    model.prompts = saved_prompts()
+    model.prompts = saved_prompts(config.prompts)
     model.default_prompt_name = None
     # --max-seq-length is a training setting; the saved model keeps the base model's for inference
     model.max_seq_length = results[-1].extra.get("base_max_seq_length") or model.max_seq_length
@@ -547,7 +552,7 @@ def _finish(out: Path, config: TrainConfig, model, results: list[StageResult], e
         "base": config.base,
         "base_path": resolve_embedder(config.base),
         "config": config.to_dict(),
-        "prompts": saved_prompts(),
+        "prompts": saved_prompts(config.prompts),
         "stages": [r.__dict__ for r in results],
         "versions": _versions(),
     }
