@@ -15,7 +15,8 @@ torch.set_num_threads(1)
 
 from gecko.cli import main  # noqa: E402
 from gecko.corpus import CorpusError  # noqa: E402
-from gecko.encode import EncodeError, Encoder, encode_file  # noqa: E402
+import gecko.encode  # noqa: E402
+from gecko.encode import EncodeError, Encoder, encode_file, load_embeddings  # noqa: E402
 from gecko.models import default_embedder_path  # noqa: E402
 from gecko.train import saved_prompts  # noqa: E402
 
@@ -131,3 +132,37 @@ def test_bad_input_fails_with_file_line_and_leaves_no_output(encoder, tmp_path, 
     assert "no such file" in capsys.readouterr().err
     with pytest.raises(EncodeError, match="dims 999"):
         encode_file(bad, out, encoder, dims=999, lenient=True, progress=False)
+
+
+def test_npy_and_ids_are_never_a_mismatched_pair(encoder, corpus, tmp_path, monkeypatch):
+    out = tmp_path / "emb.npy"
+    encode_file(corpus, out, encoder, progress=False)
+    ids, emb = load_embeddings(out)
+    assert ids == ["d1", "d2", "d3", "d4"] and emb.shape == (4, 384)
+    parquet = tmp_path / "emb.parquet"
+    encode_file(corpus, parquet, encoder, progress=False)
+    assert load_embeddings(parquet)[0] == ids and np.allclose(load_embeddings(parquet)[1], emb)
+
+    three = tmp_path / "three.jsonl"
+    three.write_text("".join(json.dumps(d) + "\n" for d in DOCS[:3]))
+    renamed, real = [], gecko.encode.replace_durably
+
+    def killed_before_the_ids(tmp, path):  # the process dies between the two renames
+        renamed.append((path.name, (tmp_path / "emb.ids.json").exists()))
+        if path.name == "emb.ids.json":
+            raise KeyboardInterrupt
+        real(tmp, path)
+
+    monkeypatch.setattr(gecko.encode, "replace_durably", killed_before_the_ids)
+    with pytest.raises(KeyboardInterrupt):
+        encode_file(three, out, encoder, progress=False)
+    assert renamed == [("emb.npy", False), ("emb.ids.json", False)]  # the old ids were gone before the new .npy came
+    assert np.load(out).shape == (3, 384)
+    with pytest.raises(EncodeError, match=r"emb\.ids\.json: no such file"):
+        load_embeddings(out)
+    monkeypatch.undo()
+    encode_file(three, out, encoder, progress=False)  # the same command again completes the pair
+    assert load_embeddings(out)[0] == ["d1", "d2", "d3"]
+    (tmp_path / "emb.ids.json").write_text('["d1", "d2"]')  # a pair not written together
+    with pytest.raises(EncodeError, match=r"2 ids for the 3 rows"):
+        load_embeddings(out)

@@ -122,8 +122,12 @@ def test_kill_9_then_rerun_finishes_exactly_once(shared_data, tmp_path):
     deadline = time.time() + 180
     while time.time() < deadline and (not journal.exists() or journal.read_text().count("\n") < 6):
         time.sleep(0.05)
+    assert first.poll() is None, "generate finished before it could be killed"
     os.kill(first.pid, signal.SIGKILL)
     first.wait()
+    kept = journal.read_text()
+    kept = kept[: kept.rfind("\n") + 1]  # whole lines: a torn tail is cut on reopening
+    assert 6 <= kept.count("\n") < 20, "the kill came mid-run"
     assert not out.exists(), "the final output is only written once every passage is done"
 
     import sqlite3
@@ -139,6 +143,9 @@ def test_kill_9_then_rerun_finishes_exactly_once(shared_data, tmp_path):
     seeds = [r["seed_id"] for r in records]
     assert len(seeds) == len(set(seeds)) and summary["passages"] == 20
     assert summary["passages_with_query"] == len(set(seeds))
+    keys = [json.loads(line)["key"] for line in journal.read_text().splitlines()]
+    assert len(keys) == len(set(keys)) == 20 and journal.read_text().startswith(kept)  # each passage journaled once
+    assert summary["llm_calls"] <= 3 * (20 - kept.count("\n"))  # journaled passages were skipped (max_attempts 3)
 
     again = subprocess.run(cmd + ["--summary-json"], env=env, capture_output=True, text=True, check=True)
     assert json.loads(again.stdout)["llm_calls"] == 0

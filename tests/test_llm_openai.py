@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import socket
 import subprocess
 import sys
@@ -10,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from fake_openai_server import FakeOpenAIServer
+from fake_openai_server import FakeOpenAIServer, default_completion, echo_any
 from gecko.llm import GenerationParams, LLMError, open_backend
 from gecko.llm.openai import OpenAILLM
 
@@ -68,6 +70,7 @@ def server_url(tmp_path_factory):
         "--model", str(default_gguf_path()), "--model_alias", ALIAS,
         "--n_threads", "1", "--n_threads_batch", "1",  # batch threads default to 2
         "--n_ctx", "2048", "--logits_all", "true",  # echo logprobs need logits for every position
+        "--chat_format", "chatml",  # the packaged Gemma is a base model: no chat template of its own
         "--host", "127.0.0.1", "--port", str(port),
     ]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
@@ -155,7 +158,7 @@ def fake():
 
 
 def _client(fake: FakeOpenAIServer, **options) -> OpenAILLM:
-    options = {"timeout": 0.3, "max_retries": 3, "backoff": 0.01, **options}
+    options = {"timeout": 0.3, "max_retries": 3, "backoff": 0.01, "mode": "completions", **options}
     return OpenAILLM(fake.url, "fake-model", **options)
 
 
@@ -206,7 +209,7 @@ def test_request_carries_the_generation_params(fake):
 
 
 def test_spec_without_model_asks_the_server(fake):
-    llm = open_backend(f"openai:{fake.url}", timeout=1.0)
+    llm = open_backend(f"openai:{fake.url}", timeout=1.0, mode="completions")
     assert llm.identity == f"openai:{fake.url}#fake-model"
     assert fake.requests[0]["method"] == "GET" and fake.requests[0]["path"] == "/v1/models"
 
@@ -313,3 +316,183 @@ def test_malformed_logprobs_are_retried_then_reported(fake):
 def test_unknown_score_mode_is_rejected():
     with pytest.raises(ValueError, match="score_mode"):
         OpenAILLM("http://127.0.0.1:9/v1", "m", score_mode="logits")
+
+
+# --- capability probe, chat-only servers, usage and cost, the Batch API ---------------------
+
+from gecko.llm.base import JointRequest  # noqa: E402
+from gecko.llm.cache import CachedLLM, LLMCache  # noqa: E402
+from gecko.llm.openai import PROBE_PROMPTS  # noqa: E402
+from gecko.llm.usage import BudgetExceeded, Price  # noqa: E402
+
+
+def _only_generated(body: dict) -> dict:
+    """The llama.cpp server issue: echo + logprobs give the generated token's log-prob only."""
+    return {"choices": [{"text": body["prompt"] + " x", "logprobs": {"tokens": [" x"], "token_logprobs": [-0.7], "text_offset": [0],
+                                                                     "top_logprobs": None}}]}
+
+
+def _probed(fake, **options) -> OpenAILLM:
+    options = {"timeout": 1.0, "backoff": 0.01, "max_retries": 1, "quiet": True, **options}
+    return OpenAILLM(fake.url, "fake-model", **options)
+
+
+def test_probe_keeps_completions_when_prompt_logprobs_are_real(fake):
+    fake.responder = echo_any
+    llm = _probed(fake)
+    assert not llm.chat and llm.ql_missing is None and llm.identity == f"openai:{fake.url}#fake-model"
+    assert [r["body"]["prompt"] for r in _completions(fake)] == list(PROBE_PROMPTS)
+    (score,) = llm.score("Passage: cats", [" purr loudly"])
+    assert score.tokens == [" purr", " loudly"]
+
+
+@pytest.mark.parametrize("responder, words", [
+    (_only_generated, "do not cover every prompt token"),
+    (lambda body: {**echo_any({"prompt": "Same apple"}), "choices": [{**echo_any({"prompt": "Same apple"})["choices"][0]}]}, "not computed from the prompt"),
+])
+def test_probe_finds_missing_or_fake_prompt_logprobs(fake, responder, words):
+    fake.responder = responder
+    llm = _probed(fake)
+    assert words in llm.ql_missing
+    assert not llm.chat and llm.rc_chat and llm.identity.endswith("@chat-rc")  # generate stays on completions
+    with pytest.raises(LLMError, match="QL.*unavailable"):
+        llm.score("a", [" b"])
+    labels = llm.label_logprobs("Is it? ", [" Yes", " No"])  # from chat top_logprobs
+    assert labels.logprobs[" No"] == -1.5 and labels.floor == -6.0
+    assert labels.logprobs[" Yes"] == pytest.approx(math.log(math.exp(-0.3) + math.exp(-3.0)))  # "Yes" and " yes"
+
+
+def test_chat_only_server_generates_through_chat(fake):
+    fake.refuse = {"/v1/completions"}
+    llm = _probed(fake)
+    assert llm.chat and llm.identity.endswith("@chat") and "completions refused" in llm.ql_missing
+    assert "QL unavailable" in llm.capabilities.line() and "generate via chat" in llm.capabilities.line()
+    assert llm.generate(["Write a query."], GenerationParams(max_tokens=5, stop=("\n",))) == ["Yes"]
+    body = fake.requests[-1]["body"]
+    assert fake.requests[-1]["path"] == "/v1/chat/completions" and body["messages"] == [{"role": "user", "content": "Write a query."}]
+    assert body["stop"] == ["\n"] and body["max_tokens"] == 5
+    assert (llm.tokens_in, llm.tokens_out) == (20, 1)  # from `usage`
+
+
+def test_chat_label_absent_from_top_logprobs_is_left_out(fake):
+    fake.refuse = {"/v1/completions"}
+    fake.chat_responder = lambda body: {"choices": [{"message": {"content": "Yes"}, "logprobs": {"content": [{"token": "Yes", "top_logprobs": [
+        {"token": "Yes", "logprob": -0.01}, {"token": "Sure", "logprob": -5.0}]}]}}]}
+    labels = _probed(fake).label_logprobs("Is it?", [" Yes", " No"])
+    assert labels.logprobs == {" Yes": -0.01} and labels.floor == -5.0  # " No" is below -5, not -5
+
+
+def test_chat_faults_are_retried(fake):
+    fake.refuse = {"/v1/completions"}
+    llm = _probed(fake, max_retries=3)
+    fake.script = ["500", "drop", "badjson"]
+    assert llm.generate(["q"], GenerationParams()) == ["Yes"]
+
+
+def test_a_server_answering_nothing_is_a_clear_error(fake):
+    fake.refuse = {"/v1/completions", "/v1/chat/completions"}
+    with pytest.raises(LLMError, match="neither completions .* nor chat"):
+        _probed(fake)
+
+
+def test_score_and_label_in_one_set_of_calls(fake):
+    fake.responder = echo_any
+    llm = _client(fake)
+    (joint,) = llm.score_and_label("Few. ", [JointRequest("Passage: cats", " purr loudly", " Relevant:", (" Yes", " No"))])
+    (alone,) = llm.score("Few. Passage: cats", [" purr loudly"])
+    assert joint.continuation == alone
+    assert joint.labels.logprobs == llm.label_logprobs("Few. Passage: cats purr loudly Relevant:", [" Yes", " No"]).logprobs
+
+
+def test_cost_and_budget(fake, tmp_path):
+    llm = CachedLLM(_client(fake), LLMCache(tmp_path / "c.sqlite"), Price(input=1000.0, output=2000.0), max_cost=0.004)
+    llm.generate(["a"], GenerationParams())  # 3 prompt + 1 generated tokens: $0.005
+    assert llm.cost == pytest.approx(0.005)
+    assert llm.generate(["a"], GenerationParams()) == ["ok"]  # cached: free, allowed
+    with pytest.raises(BudgetExceeded, match=r"\$0.0050 of max_cost \$0.004"):
+        llm.generate(["b"], GenerationParams())
+    assert len(_completions(fake)) == 1
+    with pytest.raises(LLMError, match="needs a price"):
+        CachedLLM(_client(fake), LLMCache(tmp_path / "c.sqlite"), None, max_cost=1.0)
+
+
+def _batch_client(fake, tmp_path, **options) -> OpenAILLM:
+    return _client(fake, batch=True, batch_poll_s=0.01, batch_dir=tmp_path / "batches", **options)
+
+
+def _count(fake, method, path) -> int:
+    return sum(r["method"] == method and r["path"] == path for r in fake.requests)
+
+
+def test_batch_api_job_and_resume_by_id(fake, tmp_path):
+    fake.responder = lambda body: {**default_completion(body), "choices": [{"text": body["prompt"].upper()}]}
+    llm = _batch_client(fake, tmp_path)
+    params = GenerationParams(max_tokens=4)
+    assert llm.generate(["a", "b", "c"], params) == ["A", "B", "C"]
+    assert _count(fake, "POST", "/v1/files") == 1 and _count(fake, "POST", "/v1/batches") == 1
+    assert not _completions(fake)  # nothing live
+    assert (llm.batch_tokens_in, llm.batch_tokens_out, llm.tokens_in) == (9, 3, 0)
+    upload = fake.files["file-1"].decode().splitlines()
+    assert json.loads(upload[1]) == {"custom_id": "r1", "method": "POST", "url": "/v1/completions",
+                                     "body": {"model": "fake-model", "prompt": "b", "max_tokens": 4, "temperature": 0.0, "top_p": 1.0, "seed": 0}}
+    # a crash after the job was created: the same calls find it by its id, nothing is submitted again
+    assert _batch_client(fake, tmp_path).generate(["a", "b", "c"], params) == ["A", "B", "C"]
+    # ... even when the state file was never written: found by the hash in its metadata
+    for state in (tmp_path / "batches").glob("*.json"):
+        state.unlink()
+    assert _batch_client(fake, tmp_path).generate(["a", "b", "c"], params) == ["A", "B", "C"]
+    assert _count(fake, "POST", "/v1/batches") == 1 and _count(fake, "POST", "/v1/files") == 1
+
+
+def test_batch_failures_go_live_and_a_dead_job_is_an_error(fake, tmp_path):
+    fake.batch_fail = {"r1"}
+    llm = _batch_client(fake, tmp_path)
+    assert llm.generate(["a", "b"], GenerationParams()) == ["ok", "ok"]
+    assert [r["body"]["prompt"] for r in _completions(fake)] == ["b"]  # the failed one, live
+    fake.batch_end = "expired"
+    with pytest.raises(LLMError, match="batch-2 expired.*rerun"):
+        llm.generate(["c"], GenerationParams())
+    assert len(list((tmp_path / "batches").glob("*.json"))) == 1  # the dead job is forgotten
+
+
+def test_batch_score_and_label_is_one_job(fake, tmp_path):
+    fake.responder = echo_any
+    live = _client(fake)
+    batched = _batch_client(fake, tmp_path)
+    requests = [JointRequest(f"Passage: {w}", " purr", " Relevant:", (" Yes", " No")) for w in ("cats", "dogs")]
+    assert batched.score_and_label("Few. ", requests) == live.score_and_label("Few. ", requests)
+    assert _count(fake, "POST", "/v1/batches") == 1 and len(fake.files["file-1"].decode().splitlines()) == 6
+
+
+# --- against the real server's chat endpoint ----------------------------------------------
+
+
+def test_chat_only_server_in_front_of_llama_cpp(server_url):
+    """llama-cpp-python's chat endpoint behind a proxy that refuses /v1/completions, as hosted chat APIs do."""
+    with FakeOpenAIServer(model=ALIAS, upstream=server_url) as proxy:
+        proxy.refuse = {"/v1/completions"}
+        llm = OpenAILLM(proxy.url, quiet=True, extra_body={"repeat_penalty": 1.0})
+        assert llm.chat and llm.ql_missing
+        (text,) = llm.generate(["Write one search query about cats."], GenerationParams(max_tokens=12, temperature=0.0))
+        assert text.strip()
+        labels = llm.label_logprobs("Passage: Cats purr when content.\nQuery: why do cats purr?\nRelevant:", [" Yes", " No"])
+        assert labels.floor is not None and labels.floor < 0
+        assert all(labels.floor <= v <= 0 for v in labels.logprobs.values())
+        assert llm.tokens_in > 0 and llm.tokens_out > 0
+        assert {r["path"] for r in proxy.requests if r["method"] == "POST"} == {"/v1/completions", "/v1/chat/completions"}
+
+
+def test_llama_cpp_echo_bug_is_caught(server_url):
+    """The llama.cpp server issue (echo + logprobs returning only the generated tokens), on the real server's answers."""
+    with FakeOpenAIServer(model=ALIAS, upstream=server_url) as proxy:
+        def generated_only(body):
+            data = proxy.forward("/v1/completions", body)
+            lp = data["choices"][0]["logprobs"]
+            data["choices"][0]["logprobs"] = {k: (v[-1:] if isinstance(v, list) else v) for k, v in lp.items()}
+            return data
+
+        proxy.responder = generated_only
+        llm = OpenAILLM(proxy.url, quiet=True)
+        assert llm.ql_missing and not llm.chat and llm.rc_chat
+        with pytest.raises(LLMError, match="QL.*unavailable"):
+            llm.score("The capital of France is", [" Paris"])

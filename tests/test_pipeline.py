@@ -22,7 +22,7 @@ from gecko.cli import main
 from gecko.corpus import load_beir, load_corpus
 from gecko.demo import demo_config
 from gecko.llm import CachedLLM, LLMCache, open_backend
-from gecko.pipeline import STAGES, ConfigError, load_config, read_manifest, run_pipeline
+from gecko.pipeline import STAGES, ConfigError, PipelineError, load_config, read_manifest, run_pipeline, start_in_background
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
@@ -96,6 +96,29 @@ def test_cli_reports_a_bad_key_with_exit_code_2(capsys):
     assert "relabel.fusoin: unknown key" in capsys.readouterr().err
     assert main(["run", str(demo_config()), "relabel.top_n=3", "--show-config"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["relabel"]["top_n"] == 3
+
+
+def test_a_second_start_is_refused_while_the_first_holds_the_folder(tmp_path, monkeypatch):
+    """The background child inherits the lock its starter took: no moment when a second start gets in."""
+    import fcntl
+
+    monkeypatch.setenv("GECKO_LLM_CACHE", str(tmp_path / "cache.sqlite"))
+    run_dir = tmp_path / "run"
+    config = load_config(demo_config(), [f"run_dir={run_dir}"])
+    argv = [str(demo_config()), f"run_dir={run_dir}", "--no-progress"]
+    pid, _ = start_in_background(config, argv)
+    os.kill(pid, signal.SIGSTOP)  # long before it could reach its own lock
+    try:
+        with pytest.raises(PipelineError, match="another gecko run is using this folder"):
+            start_in_background(config, argv)
+        with pytest.raises(PipelineError, match="another gecko run is using this folder"):
+            run_pipeline(config, progress=False)
+        assert main(["run", *argv, "--background"]) == 2
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    with (run_dir / ".lock").open("a") as handle:  # released with its process
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 # ---------------------------------------------------------------- a real tiny run
@@ -241,3 +264,18 @@ def test_a_torn_manifest_resumes_the_stage_instead_of_deleting_its_work(resumed)
     again = run_pipeline(load_config(demo_config(), [f"run_dir={result.run_dir}", *TINY, "train.steps=3"]), llm=llm, progress=False)
     assert again.status["relabel"] == "resumed" and journal.read_text().startswith(kept)
     assert llm.backend_calls == calls  # nothing scored again: the journal was kept
+
+
+def test_gecko_demo_on_a_finished_run_skips_everything_and_loads_no_llm(resumed, monkeypatch, capsys):
+    config, llm, result, _ = resumed
+
+    def no_llm(*args, **kwargs):
+        raise AssertionError("an LLM was loaded")
+
+    monkeypatch.setattr("gecko.llm.load_llm", no_llm)
+    assert main(["demo", "--out", str(result.run_dir), *TINY, "train.steps=3", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "| 384 |" in out and "report:" in out and "This demo shows the mechanics" in out
+    assert all(read_manifest(result.run_dir / s / "manifest.json")["status"] == "done" for s in STAGES)
+    again = run_pipeline(load_config(demo_config(), [f"run_dir={result.run_dir}", *TINY, "train.steps=3"]), progress=False)
+    assert again.status == {stage: "skipped" for stage in STAGES}

@@ -159,18 +159,21 @@ def test_relabel_on_ray_gives_the_local_records(cluster, shared_data, tmp_path):
 
 
 def test_several_openai_servers_share_the_batches_under_one_identity(cluster, tmp_path):
-    from fake_openai_server import FakeOpenAIServer
+    from fake_openai_server import FakeOpenAIServer, echo_any
+    from gecko.llm.openai import PROBE_PROMPTS
 
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"_id": f"d{i}", "title": "", "text": f"Protein folding study number {i} in yeast cells."})
                               + "\n" for i in range(8)))
     answer = {"choices": [{"index": 0, "text": " How does protein folding change in yeast cells?", "finish_reason": "stop"}]}
     with FakeOpenAIServer() as one, FakeOpenAIServer() as two:
-        one.responder = two.responder = lambda body: answer
+        # the probe's prompts get real prompt log-probabilities (completions mode), the rest the fixed answer
+        one.responder = two.responder = lambda body: echo_any(body) if body["prompt"] in PROBE_PROMPTS else answer
         out = tmp_path / "generated.jsonl"
         summary = run_generate_ray(corpus, out, f"openai:{one.url},{two.url}#fake-model", GenerateConfig(batch_size=1),
                                    RayConfig(actors=2, num_cpus=0.5), cache=tmp_path / "cache.sqlite", progress=False)
-        served = [sum(r["path"] == "/v1/completions" for r in s.requests) for s in (one, two)]
+        served = [sum(r["path"] == "/v1/completions" and r["body"]["prompt"] not in PROBE_PROMPTS for r in s.requests)
+                  for s in (one, two)]  # each actor's backend probes its server once when it opens
     manifest, data = _shards(out)
     identity = f"openai:{one.url},{two.url}#fake-model"
     assert manifest["llm"] == identity and {json.loads(line)["model"] for line in data.splitlines()} == {identity}

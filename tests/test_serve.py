@@ -205,3 +205,29 @@ def test_no_corpus_and_internal_errors_stay_in_shape(encoder):
         assert "secret" not in r.text and "Traceback" not in r.text
         assert http.get("/nowhere").json()["error"]["code"] == "not_found"
     assert build_parser().parse_args(["serve"]).host == "127.0.0.1"  # loopback unless asked
+
+
+def test_an_oversized_body_gets_413_whether_its_length_is_declared_or_not(server):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    body = json.dumps({"input": "x" * 200_000}).encode()  # over the body cap: 8 inputs x 300 chars + slack = 94,400 bytes
+
+    def chunked():  # no Content-Length: the cap is counted while the body streams in
+        for start in range(0, len(body), 16_384):
+            yield body[start : start + 16_384]
+
+    for content in (body, chunked()):
+        r = httpx.post(f"{server}/v1/embeddings", content=content, headers=headers)
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large", r.text
+    assert httpx.post(f"{server}/v1/embeddings", json={"input": "still serving"}, headers=headers).status_code == 200
+
+
+def test_a_client_hanging_up_mid_body_leaves_no_traceback(server):
+    """The server log is checked for tracebacks when the module's server stops."""
+    body = json.dumps({"input": ["a text"] * 4}).encode()
+    head = (f"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    host, port = server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(head + body[: len(body) // 2])
+        time.sleep(0.3)
+    assert httpx.post(f"{server}/v1/embeddings", json={"input": "after"}, headers={"Authorization": f"Bearer {KEY}"}).status_code == 200

@@ -452,6 +452,9 @@ def test_train_with_listwise_distillation_from_relabeled_candidates(shared_data,
                                             listwise=4, teacher="ql")
     assert negatives == 1 and dataset.column_names == ["anchor", "positive", "negative_1", "candidate_1", "candidate_2", "label"]
     assert dataset[0]["label"][:3] == [1.0, -5.0, -10.0]  # count, QL of p_1, QL of p_6
+    both, _, _ = _build_datasets(build_mixture([source]), homogeneous=False, hard_negatives="own", seed=0,
+                                 listwise=4, teacher="ql+retriever", retriever_weight=100.0)
+    assert both[0]["label"][:3] == [1.0, 45.0, 40.0]  # QL + 100 x cosine: QL's softmax times the retriever's at t_s
     out = tmp_path / "model"
     with pytest.raises(TrainError, match="candidates"):
         train(TrainConfig(data=[DataSpec(str(data))], out=str(out), steps=1, batch_size=8, distill_weight=1.0, progress=False))

@@ -40,7 +40,6 @@ def _cmd_llm_score(args: argparse.Namespace) -> int:
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     from gecko.generate import GenerateConfig, run_generate
-    from gecko.llm import load_llm
 
     config = GenerateConfig(
         task_types=tuple(args.task_types or GenerateConfig.task_types),
@@ -57,10 +56,24 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         summary = run_generate_ray(args.corpus, args.out, args.llm, config, _ray_config(args), limit=args.limit,
                                    lenient=args.lenient, progress=not args.summary_json)
     else:
-        llm = load_llm(args.llm)
+        llm = _load_llm(args)
         summary = run_generate(args.corpus, args.out, llm, config, limit=args.limit, lenient=args.lenient, progress=not args.summary_json)
     print(json.dumps(summary.to_dict()) if args.summary_json else summary.render())
     return 0
+
+
+def _load_llm(args: argparse.Namespace):
+    """The stage's LLM with the cost options (`--price`, `--max-cost`, `--batch`) of generate and relabel."""
+    from gecko.llm import Price, load_llm
+
+    prices = {}
+    if args.price:
+        try:
+            given = Price(*(float(v) for v in args.price.split(",")))
+        except (TypeError, ValueError):
+            raise ValueError(f"--price {args.price!r}: expected INPUT,OUTPUT US dollars per million tokens, e.g. 0.15,0.6") from None
+        prices = {args.llm.rpartition("#")[2] or args.llm: given}
+    return load_llm(args.llm, prices=prices, max_cost=args.max_cost, **({"batch": True} if args.batch else {}))
 
 
 def _ray_config(args: argparse.Namespace):
@@ -158,7 +171,6 @@ def _relabel_score_config(args: argparse.Namespace):
 def _cmd_relabel(args: argparse.Namespace) -> int:
     from gecko.corpus import CorpusError
     from gecko.evaluate.tasks import EvalError
-    from gecko.llm import load_llm
     from gecko.relabel import RelabelConfig, run_relabel
     from gecko.retrieve import RetrieveConfig
 
@@ -184,7 +196,7 @@ def _cmd_relabel(args: argparse.Namespace) -> int:
             summary = run_relabel_ray(args.generated, args.corpus, args.out, args.llm, config, _ray_config(args),
                                       limit=args.limit, progress=not args.summary_json)
         else:
-            summary = run_relabel(args.generated, args.corpus, args.out, load_llm(args.llm), config, limit=args.limit,
+            summary = run_relabel(args.generated, args.corpus, args.out, _load_llm(args), config, limit=args.limit,
                                   progress=not args.summary_json)
     except CorpusError:
         raise  # file:line problems: reported by main
@@ -233,7 +245,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             "dims": [int(d) for d in args.dims.replace(",", " ").split()] if args.dims else None,
             "epochs": args.epochs, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
             "warmup": args.warmup, "max_seq_length": args.max_seq_length, "temperature": args.temperature,
-            "same_tower": False if args.no_same_tower else None, "hard_negatives": args.hard_negatives,
+            "same_tower": False if args.no_same_tower else None, "prompts": False if args.no_prompts else None,
+            "hard_negatives": args.hard_negatives,
             "homogeneous": True if args.homogeneous else None, "examples_per_epoch": args.examples_per_epoch,
             "mini_batch_size": args.mini_batch_size, "save_steps": args.save_steps, "logging_steps": args.logging_steps,
             "seed": args.seed, "eval_tasks": args.eval_task, "eval_baseline": True if args.eval_baseline else None,
@@ -326,7 +339,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="ray: LLM batches on Ray actors, output a folder of shards + manifest.json (pip install 'gecko[ray]')")
     engine.add_argument("--ray-address", default=None, help="with --engine ray: 'auto' or HOST:PORT (default: RAY_ADDRESS or a local Ray)")
     engine.add_argument("--actors", type=int, default=None, help="with --engine ray: LLM actors (default: one per cluster CPU)")
-    gen = commands.add_parser("generate", parents=[engine], help="FRet step 1: the LLM writes a task and a query per passage")
+    cost = argparse.ArgumentParser(add_help=False)  # what the LLM work may cost: generate and relabel
+    cost.add_argument("--price", default=None, metavar="INPUT,OUTPUT",
+                      help="US dollars per million prompt, generated tokens of --llm: the summary estimates the cost")
+    cost.add_argument("--max-cost", type=float, default=None,
+                      help="stop (cleanly, journaled) before the next LLM call once the estimate reaches this; needs --price")
+    cost.add_argument("--batch", action="store_true", help="openai: send the calls through OpenAI's Batch API (half the price, slower)")
+    gen = commands.add_parser("generate", parents=[engine, cost], help="FRet step 1: the LLM writes a task and a query per passage")
     gen.add_argument("--corpus", required=True, help="corpus file or folder (see `gecko corpus check`)")
     gen.add_argument("--out", required=True, help="output JSONL; OUT.journal holds progress for resuming")
     gen.add_argument("--limit", type=int, default=None, help="only the first N passages")
@@ -405,7 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     pair.add_argument("--device", default=None, help="torch device for the embedder")
     pair.add_argument("--summary-json", action="store_true", help="print the summary as JSON, no progress bar")
 
-    rl = commands.add_parser("relabel", parents=[pair, engine],
+    rl = commands.add_parser("relabel", parents=[pair, engine, cost],
                              help="FRet step 2: retrieve top-N, re-rank with the LLM (QL + RC), pick positive and hard negative")
     rl.add_argument("--generated", required=True, help="generated.jsonl from `gecko generate`")
     rl.add_argument("--corpus", required=True, help="the corpus the queries were generated from (and are retrieved in)")
@@ -458,6 +477,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--max-seq-length", type=int, default=None, help="tokens per text (default: the base model's)")
     tr.add_argument("--temperature", type=float, default=None, help="softmax temperature (default 0.05)")
     tr.add_argument("--no-same-tower", action="store_true", help="leave the other queries out of the denominator")
+    tr.add_argument("--no-prompts", action="store_true",
+                    help="train on plain texts, without Gecko's task prompts, and save none (as MTEB embeds a prompt-less base)")
     tr.add_argument("--hard-negatives", choices=["own", "batch", "none"], default=None,
                     help="own: each query's own (the paper, default); batch: every row's; none: ignore negatives")
     tr.add_argument("--homogeneous", action="store_true", help="every batch from one data source")

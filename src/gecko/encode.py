@@ -27,6 +27,7 @@ import numpy as np
 from gecko.corpus import CorpusError, CorpusSummary, Passage, iter_passages
 from gecko.evaluate.encoder import Prompts, truncate
 from gecko.formats import query_prompt
+from gecko.journal import replace_durably
 from gecko.models import DEFAULT, resolve_embedder
 
 GECKO_DOCUMENT_PROMPT = "title: none | text: "  # what `gecko train` saves as the "document" prompt
@@ -206,6 +207,36 @@ def encode_file(
     return summary
 
 
+def ids_path(npy: str | Path) -> Path:
+    """Where the ids of a .npy output go: OUT.ids.json beside OUT.npy."""
+    return Path(npy).with_suffix(".ids.json")
+
+
+def load_embeddings(path: str | Path) -> tuple[list[str], np.ndarray]:
+    """(ids, embeddings) of an `encode_file` output, .npy with its ids file or .parquet.
+
+    A .npy whose ids file is missing (a run stopped between its two renames) or names another
+    number of rows is an EncodeError: the pair is never used mismatched."""
+    path = Path(path)
+    try:
+        if path.suffix.lower() == ".parquet":
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(path, columns=["id", "embedding"])
+            emb = np.asarray(table.column("embedding").combine_chunks().flatten(), dtype=np.float32)
+            return table.column("id").to_pylist(), emb.reshape(table.num_rows, -1)
+        emb = np.load(path, mmap_mode="r")
+        ids = json.loads(ids_path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError as err:
+        raise EncodeError(f"{err.filename}: no such file (an encode run stopped before it finished? run it again)") from None
+    except (OSError, ValueError) as err:
+        raise EncodeError(f"{path}: not an encode output: {err}") from None
+    if not isinstance(ids, list) or len(ids) != emb.shape[0]:
+        count = len(ids) if isinstance(ids, list) else "no list of"
+        raise EncodeError(f"{ids_path(path)}: {count} ids for the {emb.shape[0]} rows of {path}: not a pair written together")
+    return ids, emb
+
+
 # ---------------------------------------------------------------- input
 
 
@@ -260,7 +291,7 @@ def _replacing(path: Path):
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, path)
+        replace_durably(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -268,22 +299,34 @@ def _replacing(path: Path):
 class _NpyWriter:
     """A float32 .npy written row chunk by row chunk; the header, of fixed size, gets the row count at the end.
 
-    The ids go to `NAME.ids.json` (a JSON array, row i ↔ id i): ids may hold any character.
+    The ids go to `NAME.ids.json` (a JSON array, row i ↔ id i): ids may hold any character. Two
+    files cannot be renamed at once, so the ids file commits the pair: the old one is removed
+    before the new .npy replaces the old, and the new one is renamed in last. A crash between
+    leaves a .npy without ids, which `load_embeddings` refuses, never a mismatched pair.
     """
 
     HEADER = 128  # bytes, a multiple of 64 as the .npy format asks
 
     def __init__(self, path: Path, dim: int):
         self.path, self.dim, self.rows = path, dim, 0
-        self.ids_path = path.with_suffix(".ids.json")
+        self.ids_path = ids_path(path)
+        self._done = False
         self._stack = contextlib.ExitStack()
 
     def __enter__(self):
-        self._npy = self._stack.enter_context(open(self._stack.enter_context(_replacing(self.path)), "wb"))
+        # exits run in reverse: close the .npy, remove the old ids, rename the .npy, then the ids
         self._ids = self._stack.enter_context(open(self._stack.enter_context(_replacing(self.ids_path)), "w", encoding="utf-8"))
+        npy = self._stack.enter_context(_replacing(self.path))
+        self._stack.callback(self._uncommit)
+        self._npy = self._stack.enter_context(open(npy, "wb"))
         self._npy.write(self._header())
         self._ids.write("[")
         return self
+
+    def _uncommit(self) -> None:
+        """Before the new .npy replaces the old one: the old ids no longer name its rows."""
+        if self._done:
+            self.ids_path.unlink(missing_ok=True)
 
     def _header(self) -> bytes:
         text = repr({"descr": "<f4", "fortran_order": False, "shape": (self.rows, self.dim)})
@@ -297,7 +340,8 @@ class _NpyWriter:
         self.rows += len(ids)
 
     def __exit__(self, *exc):
-        if exc[0] is None:
+        self._done = exc[0] is None
+        if self._done:
             self._ids.write("]\n")
             self._npy.seek(0)
             self._npy.write(self._header())

@@ -15,7 +15,7 @@ import random
 import re
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -24,6 +24,7 @@ from tqdm import tqdm
 from gecko.corpus import Passage, load_corpus
 from gecko.journal import Journal, write_json_atomic, write_jsonl_atomic
 from gecko.llm import LLM, GenerationParams
+from gecko.llm.usage import BudgetExceeded, usage_line
 from gecko.prompts import GENERATE_PROMPTS, TASK_TYPES, few_shot_queries
 
 PREAMBLE = re.compile(
@@ -93,8 +94,10 @@ class GenerateSummary:
     mean_query_words: float = 0.0
     llm_calls: int = 0
     llm_cache_hits: int = 0
-    tokens_in: int = 0
-    tokens_out: int = 0
+    tokens_in: int = 0  # prompt tokens the LLM was sent (uncached calls)
+    tokens_out: int = 0  # tokens it generated
+    cost: float | None = None  # estimated US dollars (None: no price for this LLM)
+    prompt_style: str | None = None  # the prompt style used, when the LLM made it differ from the config's
     wall_s: float = 0.0
 
     def render(self) -> str:
@@ -105,7 +108,8 @@ class GenerateSummary:
             f"rejected: {sum(self.rejected.values())}"
             + "".join(f"\n  {reason}: {n}" for reason, n in self.rejected.most_common()),
             "task mix: " + ", ".join(f"{t} {n}" for t, n in sorted(self.task_mix.items())),
-            f"LLM calls: {self.llm_calls} (+{self.llm_cache_hits} from cache), tokens in {self.tokens_in}, out {self.tokens_out}",
+            usage_line(self)
+            + (f"\nprompt style: {self.prompt_style} (the LLM generates through chat)" if self.prompt_style else ""),
             f"wall time: {self.wall_s:.1f} s ({self.passages / max(self.wall_s, 1e-9):.2f} passages/s)",
         ]
         return "\n".join(lines)
@@ -281,10 +285,13 @@ def run_generate(
     passages, _ = load_corpus(corpus, lenient=lenient)  # validates everything before any write
     if limit is not None:
         passages = passages[:limit]
+    adapted = getattr(llm, "chat", False) is True and config.prompt_style != "chat"
+    if adapted:  # a few-shot completion prompt means nothing to a chat endpoint
+        config = replace(config, prompt_style="chat")
     journal = Journal(out.with_name(out.name + ".journal"))
     key = config_key(config, llm)  # entries of a run with other settings are redone, not reused
-    counters = ("backend_calls", "cache_hits", "tokens_in", "tokens_out")
-    before = {name: getattr(llm, name, 0) for name in counters}
+    counters = ("backend_calls", "cache_hits", "tokens_in", "tokens_out", "batch_tokens_in", "batch_tokens_out", "cost")
+    before = {name: getattr(llm, name, 0) or 0 for name in counters}
     done = {e["key"] for e in journal.entries() if e.get("config_key") == key}
     todo = [p for p in passages if p.id not in done]
     bar = tqdm(total=len(passages), initial=len(passages) - len(todo), unit="passage", disable=not progress)
@@ -293,6 +300,9 @@ def run_generate(
             for pid, entry in entries.items():
                 journal.add(pid, {**entry, "config_key": key})
             bar.update(len(entries))
+    except BudgetExceeded as err:
+        raise BudgetExceeded(f"generate stopped: {err}; {len(journal)} of {len(passages)} passages are journaled in "
+                             f"{journal.path}: rerun with a higher max_cost to go on (cached calls cost nothing)") from None
     finally:
         bar.close()
         journal.close()
@@ -312,9 +322,12 @@ def run_generate(
     summary.accepted = len(records)
     summary.task_mix.update(r["task_type"] for r in records)
     summary.mean_query_words = sum(len(words(r["query"])) for r in records) / max(len(records), 1)
-    used = {name: getattr(llm, name, 0) - before[name] for name in counters}
+    used = {name: (getattr(llm, name, 0) or 0) - before[name] for name in counters}
     summary.llm_calls, summary.llm_cache_hits = used["backend_calls"], used["cache_hits"]
-    summary.tokens_in, summary.tokens_out = used["tokens_in"], used["tokens_out"]
+    summary.tokens_in = used["tokens_in"] + used["batch_tokens_in"]
+    summary.tokens_out = used["tokens_out"] + used["batch_tokens_out"]
+    summary.cost = round(used["cost"], 6) if getattr(llm, "cost", None) is not None else None
+    summary.prompt_style = config.prompt_style if adapted else None
     summary.wall_s = time.perf_counter() - started
     write_json_atomic(out.with_name(out.name + ".summary.json"), summary.to_dict())
     return summary

@@ -62,7 +62,7 @@ class Journal:
         self._handle.close()
 
 
-def _replace_durably(tmp: str | Path, path: Path) -> None:
+def replace_durably(tmp: str | Path, path: Path) -> None:
     """Rename `tmp` over `path` and fsync the folder, so the rename itself survives a power loss."""
     os.replace(tmp, path)
     fd = os.open(path.parent, os.O_RDONLY)
@@ -84,7 +84,7 @@ def write_jsonl_atomic(path: str | Path, records: Iterable[dict]) -> int:
             count += 1
         handle.flush()
         os.fsync(handle.fileno())
-    _replace_durably(tmp, path)
+    replace_durably(tmp, path)
     return count
 
 
@@ -98,7 +98,7 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
-        _replace_durably(tmp, path)
+        replace_durably(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

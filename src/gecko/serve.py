@@ -140,7 +140,7 @@ def create_app(config: ServeConfig, encoder=None):
     """The Starlette app: loads the model (and indexes `config.corpus`) now, so /healthz answers only when ready."""
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
-    from starlette.requests import Request
+    from starlette.requests import ClientDisconnect, Request
     from starlette.responses import JSONResponse
     from starlette.routing import Route
 
@@ -168,10 +168,13 @@ def create_app(config: ServeConfig, encoder=None):
         if declared.isdigit() and int(declared) > limit:
             raise too_large
         body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise too_large
+        try:
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit:
+                    raise too_large
+        except ClientDisconnect:  # hung up mid-body: nobody to answer, nothing to log
+            raise APIError(400, "the client closed the connection before the body ended") from None
         try:
             data = json.loads(body)
         except (ValueError, RecursionError):
@@ -303,9 +306,13 @@ class _CorpusIndex:
 
     def __init__(self, config: ServeConfig, encoder):
         from gecko.corpus import Passage, load_corpus
+        from gecko.encode import EncodeError
         from gecko.retrieve import RetrieveConfig, Retriever
 
-        passages, _ = load_corpus(config.corpus)
+        passages, summary = load_corpus(config.corpus)
+        if not passages:
+            skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(summary.skipped.items())) or "none"
+            raise EncodeError(f"{config.corpus}: no passages to search (skipped: {skipped})")
         fmt = encoder.input_format("document")
         # the retriever embeds `{text}` as is, so each passage carries its full model input
         inputs = [Passage(p.id, p.doc_id, "", (fmt.prompt or "") + fmt.text(p)) for p in passages]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from gecko.llm.base import LLM, ContinuationScore, GenerationParams, LabelScores, LLMError
 from gecko.llm.cache import CachedLLM, LLMCache
+from gecko.llm.usage import BudgetExceeded, Price, price_for
 from gecko.models import DEFAULT, gecko_home
 
 SPEC_KINDS = ("llamacpp", "openai", "transformers")
@@ -24,6 +25,8 @@ __all__ = [
     "LabelScores",
     "LLMCache",
     "LLMError",
+    "BudgetExceeded",
+    "Price",
     "load_llm",
     "open_backend",
 ]
@@ -49,7 +52,10 @@ def open_backend(spec: str = DEFAULT, **options) -> LLM:
         from gecko.llm.openai import OpenAILLM
 
         base_url, _, model = target.partition("#")
-        return OpenAILLM(base_url, model or None, **options)
+        try:
+            return OpenAILLM(base_url, model or None, **options)
+        except (TypeError, ValueError) as err:  # an unknown or bad llm option
+            raise LLMError(f"llm options for {spec}: {err}") from None
     from gecko.llm.hf import TransformersLLM
 
     return TransformersLLM(target or DEFAULT, **options)
@@ -65,12 +71,14 @@ def parse_spec(spec: str) -> tuple[str, str]:
     return kind, target
 
 
-def load_llm(spec: str = DEFAULT, cache: str | Path | None = None, use_cache: bool = True, **options) -> LLM:
-    """The backend named by `spec`, wrapped in the content-addressed call cache (default on)."""
+def load_llm(spec: str = DEFAULT, cache: str | Path | None = None, use_cache: bool = True, *,
+             prices: dict[str, Price] | None = None, max_cost: float | None = None, **options) -> LLM:
+    """The backend named by `spec`, wrapped in the content-addressed call cache (default on),
+    which also keeps its estimated cost (`prices`: by model name) and stops at `max_cost`."""
     backend = open_backend(spec, **options)
     if not use_cache:
         return backend
-    return CachedLLM(backend, LLMCache(cache or default_cache_path()))
+    return CachedLLM(backend, LLMCache(cache or default_cache_path()), price_for(prices or {}, backend), max_cost)
 
 
 def default_cache_path() -> Path:

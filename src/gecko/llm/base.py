@@ -48,9 +48,24 @@ class ContinuationScore:
 
 @dataclass(frozen=True)
 class LabelScores:
-    """Exact log P(label | prompt) over the full vocabulary, per label string."""
+    """Exact log P(label | prompt) over the full vocabulary, per label string.
+
+    A backend that only sees a top-k list (chat APIs' `top_logprobs`) leaves out the labels the
+    list lacks and sets `floor`, the lowest listed log-probability: each absent label is below it.
+    """
 
     logprobs: dict[str, float] = field(default_factory=dict)
+    floor: float | None = None
+
+    def to_dict(self) -> dict:
+        """The cache's form: the plain label dict when exact (as stored before `floor` existed)."""
+        return dict(self.logprobs) if self.floor is None else {"logprobs": dict(self.logprobs), "floor": self.floor}
+
+    @staticmethod
+    def from_dict(value: dict) -> "LabelScores":
+        if "floor" in value and isinstance(value.get("logprobs"), dict):
+            return LabelScores(dict(value["logprobs"]), value["floor"])
+        return LabelScores(dict(value))
 
     def normalized(self) -> dict[str, float]:
         """Log-probabilities renormalised over the label set only (restricted vocabulary)."""
@@ -115,12 +130,12 @@ class JointScore:
     labels: LabelScores
 
     def to_dict(self) -> dict:
-        return {"continuation": self.continuation.to_dict(), "labels": dict(self.labels.logprobs)}
+        return {"continuation": self.continuation.to_dict(), "labels": self.labels.to_dict()}
 
     @staticmethod
     def from_dict(value: dict) -> "JointScore":
         cont = value["continuation"]
-        return JointScore(ContinuationScore(cont["tokens"], cont["logprobs"]), LabelScores(dict(value["labels"])))
+        return JointScore(ContinuationScore(cont["tokens"], cont["logprobs"]), LabelScores.from_dict(value["labels"]))
 
 
 @runtime_checkable
@@ -149,6 +164,14 @@ def score_and_label_by_parts(llm: LLM, prefix: str, requests: Sequence[JointRequ
         labels = llm.label_logprobs(prefix + r.context + r.continuation + r.question, list(r.labels))
         out.append(JointScore(cont, labels))
     return out
+
+
+def label_logprobs_many(llm: LLM, prompts: Sequence[str], labels: Sequence[str]) -> list[LabelScores]:
+    """`label_logprobs` of many prompts in one call where the backend has it (one Batch API job)."""
+    method = getattr(llm, "label_logprobs_many", None)
+    if callable(method):
+        return method(list(prompts), list(labels))
+    return [llm.label_logprobs(p, labels) for p in prompts]
 
 
 def score_and_label(llm: LLM, prefix: str, requests: Sequence[JointRequest]) -> list[JointScore]:

@@ -21,8 +21,10 @@ from gecko.llm.base import (
     JointRequest,
     JointScore,
     LabelScores,
+    label_logprobs_many,
     score_and_label_by_parts,
 )
+from gecko.llm.usage import BudgetExceeded, Price, check_budget
 
 
 def _key(*parts: object) -> str:
@@ -74,26 +76,42 @@ class LLMCache:
 
 
 class CachedLLM:
-    """Wraps any backend; answers repeated calls from the cache and counts real backend calls."""
+    """Wraps any backend; answers repeated calls from the cache, counts real backend calls, and
+    keeps the estimated cost of what the backend computed (`price`), stopping with
+    `BudgetExceeded` before the next uncached call once it reaches `max_cost`."""
 
-    def __init__(self, backend: LLM, cache: LLMCache):
+    def __init__(self, backend: LLM, cache: LLMCache, price: Price | None = None, max_cost: float | None = None):
+        check_budget(max_cost, price, backend)
         self.backend = backend
         self.cache = cache
         self.identity = backend.identity
+        self.price = price
+        self.max_cost = max_cost
         self.backend_calls = 0  # number of items the backend actually computed
         self.cache_hits = 0
+        self.cost = 0.0 if price is not None else None  # estimated US dollars, None without a price
 
     def _through_cache(self, keys: list[str], compute: Callable[[list[int]], list[object]]) -> list[object]:
         found = self.cache.get_many(keys)
         missing = [i for i, k in enumerate(keys) if k not in found]
         self.cache_hits += len(keys) - len(missing)
         if missing:
+            if self.max_cost is not None and self.cost >= self.max_cost:
+                raise BudgetExceeded(f"the budget is spent: estimated ${self.cost:.4f} of max_cost ${self.max_cost:g} "
+                                     f"after {self.backend_calls} LLM calls")
+            before = self._tokens()
             values = compute(missing)
+            if self.price is not None:
+                self.cost += self.price.cost(*(b - a for a, b in zip(before, self._tokens())))
             self.backend_calls += len(missing)
             fresh = {keys[i]: v for i, v in zip(missing, values)}
             self.cache.put_many(fresh)
             found.update(fresh)
         return [found[k] for k in keys]
+
+    def _tokens(self) -> tuple[int, int, int, int]:
+        b = self.backend
+        return tuple(getattr(b, name, 0) or 0 for name in ("tokens_in", "tokens_out", "batch_tokens_in", "batch_tokens_out"))
 
     def generate(self, prompts: Sequence[str], params: GenerationParams) -> list[str]:
         prompts = list(prompts)
@@ -110,10 +128,18 @@ class CachedLLM:
         return [ContinuationScore(v["tokens"], v["logprobs"]) for v in self._through_cache(keys, compute)]
 
     def label_logprobs(self, prompt: str, labels: Sequence[str]) -> LabelScores:
-        labels = list(labels)
-        key = _key("labels", self.identity, prompt, labels)
-        (value,) = self._through_cache([key], lambda idx: [self.backend.label_logprobs(prompt, labels).logprobs])
-        return LabelScores(dict(value))
+        (scores,) = self.label_logprobs_many([prompt], labels)
+        return scores
+
+    def label_logprobs_many(self, prompts: Sequence[str], labels: Sequence[str]) -> list[LabelScores]:
+        """One cache entry per prompt (the same as `label_logprobs`'); misses in one backend call."""
+        prompts, labels = list(prompts), list(labels)
+        keys = [_key("labels", self.identity, p, labels) for p in prompts]
+
+        def compute(idx: list[int]) -> list[object]:
+            return [s.to_dict() for s in label_logprobs_many(self.backend, [prompts[i] for i in idx], labels)]
+
+        return [LabelScores.from_dict(v) for v in self._through_cache(keys, compute)]
 
     def score_and_label(self, prefix: str, requests: Sequence[JointRequest]) -> list[JointScore]:
         """QL + RC per request, one cache entry each; misses go to the backend's single-pass

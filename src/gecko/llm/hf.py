@@ -159,7 +159,7 @@ class TransformersLLM:
         self._prefix_hint = 0
         self._prefilled: Prefilled | None = None  # the last generate call's prompts
         self.evaluated_tokens = 0  # tokens actually run through the model: shows what prefix reuse saves
-        self.tokens_in = 0  # prompt tokens of generate calls
+        self.tokens_in = 0  # prompt tokens of every call (what an API would bill), not what prefix reuse evaluates
         self.tokens_out = 0  # generated tokens
 
     # --- tokens -------------------------------------------------------------------------
@@ -314,6 +314,7 @@ class TransformersLLM:
         self._check_length(len(prefix_ids) + max(map(len, conts), default=0))
         results = [ContinuationScore([], []) for _ in conts]
         todo = [i for i, c in enumerate(conts) if c]
+        self.tokens_in += sum(len(prefix_ids) + len(conts[i]) for i in todo)
         if not todo:
             return results
         # feed all but each continuation's last token: nothing scores what follows it
@@ -334,6 +335,7 @@ class TransformersLLM:
         if not ids:
             raise LLMError("empty prompt and no BOS token: nothing to predict the label from")
         self._check_length(len(ids))
+        self.tokens_in += len(ids)
         (hidden,) = self._after_context(ids, [[]], [[0]])
         row = torch.log_softmax(self._logits(hidden), dim=-1)[0]
         return LabelScores({label: float(row[t[0]]) for label, t in zip(labels, label_ids)})
@@ -362,6 +364,7 @@ class TransformersLLM:
             conts = [tokens[i][0] for i in idx]
             tails = [c + self.tokenize(requests[i].question, bos=False) for i, c in zip(idx, conts)]
             self._check_length(len(base) + max(map(len, tails)))
+            self.tokens_in += sum(len(base) + len(t) for t in tails)
             wanted = [list(range(len(c))) + [len(t)] for c, t in zip(conts, tails)]
             rows = self._after_context(base, tails, wanted)
             label_ids = [tokens[i][1] for i in idx]

@@ -98,7 +98,7 @@ class LlamaCppLLM:
         self._eos = {self._llama.token_eos(), *self._end_of_turn()}
         self._main: list[int] = []  # tokens held by the MAIN sequence
         self.evaluated_tokens = 0  # tokens actually decoded: shows what prefix reuse saves
-        self.tokens_in = 0  # prompt tokens of generate calls
+        self.tokens_in = 0  # prompt tokens of every call (what an API would bill), not what prefix reuse evaluates
         self.tokens_out = 0  # generated tokens
 
     def _end_of_turn(self) -> list[int]:
@@ -229,6 +229,7 @@ class LlamaCppLLM:
                 continue
             tokens = prefix_tokens + cont_tokens
             self._check_length(len(tokens))
+            self.tokens_in += len(tokens)
             first = len(prefix_tokens) - 1  # logits here predict the first continuation token
             start = self._rewind_to_shared_prefix(tokens, keep_at_most=first)
             # the final continuation token is never an input whose logits we need
@@ -244,6 +245,7 @@ class LlamaCppLLM:
             return label_logprobs_by_scoring(self, prompt, labels)
         tokens = self.tokenize(prompt, bos=True)
         self._check_length(len(tokens))
+        self.tokens_in += len(tokens)
         start = self._rewind_to_shared_prefix(tokens, keep_at_most=len(tokens) - 1)
         row = self._decode(tokens, start, want_logits_from=len(tokens) - 1)[-1]
         return LabelScores({label: log_softmax_at(row, t[0]) for label, t in zip(labels, label_tokens)})
@@ -271,6 +273,7 @@ class LlamaCppLLM:
                 base = self.tokenize(base_text, bos=True)
             tail = cont + self.tokenize(r.question, bos=False)
             self._check_length(len(base) + len(tail))
+            self.tokens_in += len(base) + len(tail)
             if self._main != base[:-1]:
                 start = self._rewind_to_shared_prefix(base, keep_at_most=len(base) - 1)
                 self._decode(base[:-1], start, want_logits_from=len(base))

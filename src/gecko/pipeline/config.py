@@ -31,6 +31,7 @@ from typing import Any
 import yaml
 
 from gecko.generate import GenerateConfig
+from gecko.llm.usage import Price
 from gecko.models import DEFAULT
 from gecko.relabel import RelabelConfig
 from gecko.train import DataSpec, StageConfig, TrainConfig
@@ -131,15 +132,27 @@ class PipelineConfig:
     corpus: str
     llm: str = DEFAULT  # default | llamacpp:PATH.gguf | openai:URL#MODEL | transformers:DIR
     llm_cache: str | None = None  # SQLite call cache (default: GECKO_LLM_CACHE or $GECKO_HOME/llm-cache.sqlite)
+    # backend options, e.g. {batch: true} (OpenAI's Batch API), {max_concurrency: 8}, {mode: chat}
+    llm_options: dict = field(default_factory=dict)
+    # US dollars per million tokens by model name, e.g. {gpt-4o-mini: {input: 0.15, output: 0.6}}: the
+    # summaries and report.md estimate each stage's cost from them
+    prices: dict[str, Price] = field(default_factory=dict)
+    # stop an LLM stage (cleanly: rerun with a higher budget to go on) once this run has spent this much
+    max_cost: float | None = None
     generate: GenerateStage = GenerateStage()
     relabel: RelabelStage = RelabelStage()
     train: TrainStage = TrainStage()
     eval: EvalStage = EvalStage()
     source: str | None = None  # the file it was read from, for the report
 
+    def llm_load_options(self) -> dict:
+        """`load_llm`'s keyword arguments besides the spec and the cache."""
+        return {"prices": dict(self.prices), "max_cost": self.max_cost, **self.llm_options}
+
     def to_dict(self) -> dict:
         """The config in the YAML layout (the form `load_config` reads)."""
-        out = {"run_dir": self.run_dir, "corpus": self.corpus, "llm": self.llm, "llm_cache": self.llm_cache}
+        out = {"run_dir": self.run_dir, "corpus": self.corpus, "llm": self.llm, "llm_cache": self.llm_cache,
+               "llm_options": dict(self.llm_options), "prices": plain_data(self.prices), "max_cost": self.max_cost}
         g, r, t, e = self.generate, self.relabel, self.train, self.eval
         out["generate"] = {**plain_data(g.config), "corpus": g.corpus, "limit": g.limit, "lenient": g.lenient}
         out["relabel"] = {**plain_data(r.config), "limit": r.limit}
@@ -319,7 +332,7 @@ def _section(raw: dict, name: str) -> dict:
 
 
 def _build(raw: dict) -> PipelineConfig:
-    top = {"run_dir", "corpus", "llm", "llm_cache", "generate", "relabel", "train", "eval"}
+    top = {"run_dir", "corpus", "llm", "llm_cache", "llm_options", "prices", "max_cost", "generate", "relabel", "train", "eval"}
     _check_keys(raw, top, "")
     for name in ("run_dir", "corpus"):
         if not raw.get(name):
@@ -370,7 +383,8 @@ def _build(raw: dict) -> PipelineConfig:
     for task in task_list:
         _check_task(task)
 
-    top_values = {k: raw.get(k) for k in ("run_dir", "corpus", "llm", "llm_cache") if raw.get(k) is not None}
+    top_values = {k: raw.get(k) for k in ("run_dir", "corpus", "llm", "llm_cache", "llm_options", "prices", "max_cost")
+                  if raw.get(k) is not None}
     base = _validate(PipelineConfig, top_values, "")
     inputs = {"corpus": base.corpus, "generate.corpus": gen.corpus, **{f"train.data.{i}": d.path for i, d in enumerate(specs)}}
     if stage.settings.get("pretrain") is not None:

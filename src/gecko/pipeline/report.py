@@ -56,6 +56,25 @@ def holdout_lines(results, baseline) -> list[str]:
     return lines
 
 
+def usage_table(config: PipelineConfig, summaries: dict[str, dict]) -> list[str]:
+    """LLM calls, tokens and estimated cost per stage (the last time each stage ran)."""
+    lines = ["", "### LLM tokens and cost", "",
+             "| stage | LLM calls | from the cache | prompt tokens | generated tokens | estimated cost |",
+             "|---|---:|---:|---:|---:|---:|"]
+    total = 0.0
+    for name, s in summaries.items():
+        cost = s.get("cost")
+        total += cost or 0.0
+        shown = "no price" if cost is None else f"${cost:.4f}"
+        lines.append(f"| {name} | {s['llm_calls']} | {s['llm_cache_hits']} | {s.get('tokens_in', 0)} | {s.get('tokens_out', 0)} | {shown} |")
+    priced = any(s.get("cost") is not None for s in summaries.values())
+    lines += ["", (f"Total ${total:.4f}, from the price table in the config ({', '.join(f'{k}: ${v.input}/${v.output} per 1M in/out' for k, v in config.prices.items())}); "
+                   "Batch API calls at the discounted price, cached calls free."
+                   if priced else "No price for this LLM in the config (`prices:`), so no cost estimate.")
+              + (f" Budget: `max_cost` ${config.max_cost:g}." if config.max_cost is not None else "")]
+    return lines
+
+
 def max_abs_delta(results, baseline) -> float | None:
     deltas = [abs(r["delta"]) for r in before_after_rows(results, baseline) if r["delta"] is not None]
     return max(deltas) if deltas else None
@@ -118,6 +137,8 @@ def write_report(run_dir: Path, config: PipelineConfig, runs, results, baseline)
               "- rejected answers (retried with another seed): "
               + (", ".join(f"{k} {v}" for k, v in sorted(g["rejected"].items(), key=lambda kv: -kv[1])) or "none"),
               f"- LLM calls: {g['llm_calls']} (+{g['llm_cache_hits']} from the cache), tokens in {g['tokens_in']}, out {g['tokens_out']}"]
+    if g.get("prompt_style"):
+        lines.append(f"- prompt style: **{g['prompt_style']}** (the LLM generates through chat completions)")
     if g["task_mix"]:
         _plot_task_mix(g["task_mix"], run_dir / "task_mix.png")
         lines += ["", "![task-type mix](task_mix.png)"]
@@ -135,8 +156,15 @@ def write_report(run_dir: Path, config: PipelineConfig, runs, results, baseline)
               f"calls {s['llm_calls']} (+{s['llm_cache_hits']} from the cache)"]
     if s.get("spearman_ql_rc") is not None:
         lines.append(f"- mean per-query Spearman(QL, RC): {s['spearman_ql_rc']:+.3f}")
+    if s.get("ql_unavailable"):
+        lines.append(f"- **QL unavailable** ({s['ql_unavailable']}): fused `{s['fusion_used']}` (RC + retriever) instead")
+    if s.get("rc_bounds"):
+        lines.append("- RC labels absent from the top log-probabilities, RC used as a bound: "
+                     + ", ".join(f"{k} {v}" for k, v in s["rc_bounds"].items()))
     _plot_relabel(s, run_dir / "relabel.png")
     lines += ["", "![relabel](relabel.png)"]
+
+    lines += usage_table(config, {"generate": g, "relabel": s})
 
     t = tr["summary"]
     lines += ["", "## 3 train (in-batch + hard + same-tower negatives, Matryoshka)", ""]

@@ -22,7 +22,10 @@ import datetime
 import fcntl
 import hashlib
 import json
+import os
 import shutil
+import subprocess
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -118,7 +121,7 @@ class _Context:
         if self._llm is None:
             from gecko.llm import load_llm
 
-            self._llm = load_llm(self.config.llm, cache=self.config.llm_cache)
+            self._llm = load_llm(self.config.llm, cache=self.config.llm_cache, **self.config.llm_load_options())
         return self._llm
 
     def say(self, text: str) -> None:
@@ -157,36 +160,59 @@ def start_in_background(config: PipelineConfig, argv: list[str]) -> tuple[int, P
 
     Rerunning the same command after a crash, a kill or a reboot resumes it (manifests, journals,
     checkpoints, LLM cache). Refused while another `gecko run` holds the folder."""
-    import subprocess
-    import sys
-
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    with _lock(run_dir):  # fails now, not in the log, if the folder is busy
-        pass
-    log = run_dir / "run.log"
-    with log.open("a") as out:
-        out.write(f"\n== {_now()} gecko run {' '.join(argv)}\n")
-        out.flush()
-        proc = subprocess.Popen([sys.executable, "-m", "gecko.cli", "run", *argv], stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+    lock = _acquire(run_dir)  # fails now, not in the log, if the folder is busy
+    try:
+        log = run_dir / "run.log"
+        with log.open("a") as out:
+            out.write(f"\n== {_now()} gecko run {' '.join(argv)}\n")
+            out.flush()
+            # the child inherits the held lock (flock belongs to the open file, not the process), so no
+            # second start can slip in between this check and the child's own start
+            env = {**os.environ, LOCK_FD_ENV: str(lock.fileno())}
+            proc = subprocess.Popen([sys.executable, "-m", "gecko.cli", "run", *argv], stdout=out, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True, pass_fds=(lock.fileno(),), env=env)
+    finally:
+        lock.close()  # the child's copy keeps the lock
     write_text_atomic(run_dir / "run.pid", f"{proc.pid}\n")
     return proc.pid, log
+
+
+LOCK_FD_ENV = "GECKO_RUN_LOCK_FD"  # a lock on RUN_DIR/.lock handed down by `start_in_background`
 
 
 @contextmanager
 def _lock(run_dir: Path):
     """One `gecko run` per folder at a time (the lock dies with its process, kill -9 included)."""
+    handle = _inherited(run_dir) or _acquire(run_dir)
+    try:
+        yield
+    finally:
+        handle.close()
+
+
+def _acquire(run_dir: Path):
     handle = (run_dir / ".lock").open("a")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.close()
         raise PipelineError(f"{run_dir}: another gecko run is using this folder") from None
+    return handle
+
+
+def _inherited(run_dir: Path):
+    """The lock the starting process held for us, if it is this folder's (same file)."""
+    fd = os.environ.get(LOCK_FD_ENV, "")
     try:
-        yield
-    finally:
-        handle.close()
+        same = fd.isdigit() and os.path.samestat(os.fstat(int(fd)), os.stat(run_dir / ".lock"))
+    except OSError:
+        return None
+    if not same:
+        return None
+    del os.environ[LOCK_FD_ENV]
+    return os.fdopen(int(fd), "a")
 
 
 def _now() -> str:

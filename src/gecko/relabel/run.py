@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -28,6 +29,7 @@ from tqdm import tqdm
 from gecko.corpus import CorpusError, Passage, load_corpus, read_jsonl
 from gecko.journal import Journal, write_json_atomic, write_jsonl_atomic
 from gecko.llm.base import LLM
+from gecko.llm.usage import BudgetExceeded, usage_line
 from gecko.relabel.fusion import FUSIONS, NEGATIVE_METHODS, fuse, parse_weights, ranks, select_negatives, spearman
 from gecko.relabel.scoring import PairScore, PairScorer, ScoreConfig
 from gecko.retrieve import RetrieveConfig, Retriever
@@ -144,6 +146,12 @@ class RelabelSummary:
     pairs_scored: int = 0
     llm_calls: int = 0
     llm_cache_hits: int = 0
+    tokens_in: int = 0  # prompt tokens the LLM was sent (uncached calls; as the server reports them)
+    tokens_out: int = 0
+    cost: float | None = None  # estimated US dollars (None: no price for this LLM)
+    ql_unavailable: str | None = None  # why, when the LLM gives no query likelihood
+    fusion_used: str | None = None  # the fusion applied, when it is not the configured one
+    rc_bounds: dict = field(default_factory=dict)  # candidates whose RC is a bound: a label absent from a top-k list
     tokens_evaluated: int | None = None
     corpus_encoded: int = 0
     times: dict = field(default_factory=dict)
@@ -175,11 +183,18 @@ class RelabelSummary:
             lines.append(f"{name}: {q(dist)}")
         if self.spearman_ql_rc is not None:
             lines.append(f"mean per-query Spearman(QL, RC): {self.spearman_ql_rc:+.3f}")
+        if self.ql_unavailable:
+            lines.append(f"QL unavailable ({self.ql_unavailable}): fused {self.fusion_used} instead of the configured "
+                         f"{self.config.get('fusion')} {self.config.get('weights') or ''}".rstrip())
+        if self.rc_bounds:
+            lines.append("RC labels absent from the top log-probabilities (RC used as a bound): "
+                         + ", ".join(f"{k} {v}" for k, v in self.rc_bounds.items()))
         tokens = f", {self.tokens_evaluated / self.pairs_scored:.0f} tokens evaluated per pair" if self.tokens_evaluated and self.pairs_scored else ""
         lines.append(
             f"LLM: {self.pairs_scored} pairs scored in {llm_s:.1f} s ({self.pairs_scored / max(llm_s, 1e-9):.2f} pairs/s), "
             f"{self.llm_calls} calls (+{self.llm_cache_hits} from cache){tokens}"
         )
+        lines.append(usage_line(self))
         lines.append(f"corpus passages encoded: {self.corpus_encoded} (the rest from the embedding cache)")
         lines.append("time: " + ", ".join(f"{k.removesuffix('_s')} {v:.1f} s" for k, v in self.times.items()) + f"; wall {self.wall_s:.1f} s")
         return "\n".join(lines)
@@ -274,10 +289,12 @@ def build_example(
     entry: dict,
     passages: dict[str, Passage],
     config: RelabelConfig,
+    adapted: bool = False,
 ) -> tuple[RelabelExample | None, str | None, dict]:
     """Fuse one journaled query's scores into an example; (None, reason) when it cannot be one.
 
-    Also returns the per-candidate signal ranks, for the summary.
+    Also returns the per-candidate signal ranks, for the summary. `adapted`: the fusion was
+    changed for an LLM without QL (`adapt_to_llm`), so the example names its weights.
     """
     rows = entry["candidates"]  # [id, retriever score, *PairScore.to_list()] in retriever order
     if len(rows) < 2:
@@ -290,8 +307,8 @@ def build_example(
     rc = [p.rc(sc.rc_score) for p in pairs]
     if ql[0] is not None:
         signals["ql"] = ranks(ql, tiebreak=signals["retriever"])
-    if rc[0] is not None:
-        signals["rc"] = ranks(rc, tiebreak=signals["retriever"])
+    if any(v is not None for v in rc):  # None: both labels absent from a top-k list, ranked last
+        signals["rc"] = ranks([-math.inf if v is None else v for v in rc], tiebreak=signals["retriever"])
     fused = fuse(signals, config.fusion, config.weights)
     order_rank = ranks(fused, tiebreak=signals["retriever"])
     order = sorted(range(len(rows)), key=lambda i: order_rank[i])
@@ -346,7 +363,7 @@ def build_example(
         seed_rank=entry["seed_rank"],
         seed_score=round(entry["seed_score"], 6),
         seed_margin=round(entry["seed_margin"], 6),
-        fusion=config.fusion,
+        fusion=f"weighted:{config.weights}" if adapted else config.fusion,
         candidates=candidates,
     )
     return example, None, signals
@@ -390,6 +407,26 @@ def write_rows(out: Path, rows: list[dict]) -> None:
 
 Group = tuple[Passage, list[str]]  # a passage and every query of the chunk that retrieved it
 GroupScorer = Callable[[PairScorer, list[Group], Counter], Iterable[tuple[int, list[PairScore]]]]
+
+
+def score_groups_together(scorer: PairScorer, groups: list[Group], times: Counter) -> Iterator[tuple[int, list[PairScore]]]:
+    """Every group of the chunk in one LLM call (for the Batch API: one job per chunk)."""
+    start = time.perf_counter()
+    scored = scorer.score_passages(groups)
+    times["llm_s"] += time.perf_counter() - start
+    yield from enumerate(scored)
+
+
+def adapt_to_llm(config: RelabelConfig, llm: LLM) -> tuple[RelabelConfig, str | None]:
+    """Without QL (a chat-only LLM) a fusion that uses it becomes RC + retriever, said in the
+    summary and each example's `fusion`; returns (the config used, why QL is unavailable)."""
+    missing = getattr(llm, "ql_missing", None)
+    if not missing:
+        return config, None
+    weights = parse_weights(config.weights) if config.fusion == "weighted" else {}
+    if config.fusion in ("rrf", "ql") or weights.get("ql"):
+        config = replace(config, fusion="weighted", weights="rc=1,retriever=1")
+    return config, missing
 
 
 def score_groups_locally(scorer: PairScorer, groups: list[Group], times: Counter) -> Iterator[tuple[int, list[PairScore]]]:
@@ -438,16 +475,20 @@ def run_relabel(
             raise RelabelError(f"{r.where}: seed_id {r.seed_id!r} is not a passage of the corpus {corpus}")
     times["load_s"] = time.perf_counter() - started
 
+    configured = config
+    config, ql_unavailable = adapt_to_llm(config, llm)
     key = _score_key(config, llm)
     journal = Journal(out.with_name(out.name + ".journal"))
     done = {e["key"] for e in journal.entries() if e.get("score_key") == key}
     todo = [r for r in records if r.id not in done]
-    counters = ("backend_calls", "cache_hits", "evaluated_tokens")
+    counters = ("backend_calls", "cache_hits", "evaluated_tokens", "tokens_in", "tokens_out", "batch_tokens_in", "batch_tokens_out", "cost")
     before = {c: getattr(llm, c, None) for c in counters}
     summary = RelabelSummary(queries=len(records))
     scorer = PairScorer(llm, config.score)
     bar = tqdm(total=len(records), initial=len(records) - len(todo), unit="query", desc="relabel", disable=not progress)
     retriever = None
+    if getattr(llm, "batch", False) and score_groups is score_groups_locally:
+        score_groups = score_groups_together  # a chunk's pairs as one Batch API job
     try:
         if todo:
             retriever = Retriever(passage_list, config.retrieve, progress=progress)
@@ -455,6 +496,9 @@ def run_relabel(
             for lo in range(0, len(todo), config.query_chunk):
                 chunk = todo[lo : lo + config.query_chunk]
                 _relabel_chunk(chunk, retriever, scorer, score_groups, position, config, journal, key, times, bar)
+    except BudgetExceeded as err:
+        raise BudgetExceeded(f"relabel stopped: {err}; {len(journal)} of {len(records)} queries are journaled in "
+                             f"{journal.path}: rerun with a higher max_cost to go on (cached calls cost nothing)") from None
     finally:
         bar.close()
         journal.close()
@@ -469,9 +513,9 @@ def run_relabel(
     passages = {p.id: p for p in passage_list}
     rows: list[dict] = []
     ql_all, rc_all, ql_pos, ql_neg, rc_pos, rc_neg, margins, rhos = [], [], [], [], [], [], [], []
-    seed_bins = Counter()
+    seed_bins, rc_bounds = Counter(), Counter()
     for r in records:
-        example, reason, signals = build_example(r, entries[r.id], passages, config)
+        example, reason, signals = build_example(r, entries[r.id], passages, config, adapted=bool(ql_unavailable))
         if example is None:
             summary.skipped[reason] += 1
             continue
@@ -479,6 +523,12 @@ def run_relabel(
         margins.append(example.seed_margin)
         if "ql" in signals and "rc" in signals:
             rhos.append(spearman(signals["ql"], signals["rc"]))
+        for pair in entries[r.id]["candidates"]:
+            bound = PairScore.from_list(pair[2:]).rc_bound()
+            if bound:
+                rc_bounds[bound] += 1
+            elif len(pair) > 6 and pair[4] is None and pair[5] is None:
+                rc_bounds["unknown"] += 1
         by_id = {c.id: c for c in example.candidates}
         for c in example.candidates:
             if c.ql is not None:
@@ -520,13 +570,19 @@ def run_relabel(
     summary.pairs_scored = scorer.pairs
     used = {c: (getattr(llm, c, 0) - before[c]) if before[c] is not None else None for c in counters}
     summary.llm_calls, summary.llm_cache_hits = used["backend_calls"] or 0, used["cache_hits"] or 0
+    summary.tokens_in = (used["tokens_in"] or 0) + (used["batch_tokens_in"] or 0)
+    summary.tokens_out = (used["tokens_out"] or 0) + (used["batch_tokens_out"] or 0)
+    summary.cost = None if used["cost"] is None else round(used["cost"], 6)
     summary.tokens_evaluated = used["evaluated_tokens"]
+    summary.ql_unavailable = ql_unavailable
+    summary.fusion_used = f"weighted:{config.weights}" if ql_unavailable else None
+    summary.rc_bounds = dict(rc_bounds)
     summary.times = {k: round(v, 2) for k, v in times.items()}
     summary.wall_s = round(time.perf_counter() - started, 2)
     summary.config = {
         "llm": getattr(llm, "identity", "?"),
         "prompt_id": config.score.prompt.id,
-        **{k: v for k, v in asdict(config).items() if k not in ("score", "retrieve")},
+        **{k: v for k, v in asdict(configured).items() if k not in ("score", "retrieve")},
         "score": asdict(config.score),
         "retrieve": asdict(config.retrieve),
     }

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from gecko.corpus import Passage
-from gecko.llm.base import LLM, JointRequest, score_and_label
+from gecko.llm.base import LLM, JointRequest, LLMError, label_logprobs_many, score_and_label
 from gecko.prompts import PAIR_PROMPT_STYLES, PairPrompt, pair_prompt
 
 QL_NORMS = ("sum", "mean")
@@ -56,12 +56,19 @@ class ScoreConfig:
 
 @dataclass(frozen=True)
 class PairScore:
-    """Raw LLM log-probabilities for one pair; None where the prompt layout has no such signal."""
+    """Raw LLM log-probabilities for one pair; None where the prompt layout has no such signal.
+
+    `label_floor` is set when the labels came from a top-k list (chat APIs): a label absent from
+    it has logp None and lies below the floor; `rc` then uses the floor as that bound, so the
+    log-odds are a lower bound (the other label absent) or an upper bound (the relevant one
+    absent), and None when both are absent. `rc_bound` says which.
+    """
 
     ql_sum: float | None
     ql_tokens: int
     logp_relevant: float | None
     logp_other: float | None
+    label_floor: float | None = None
 
     def ql(self, norm: str = "sum") -> float | None:
         if self.ql_sum is None:
@@ -69,12 +76,26 @@ class PairScore:
         return self.ql_sum / max(self.ql_tokens, 1) if norm == "mean" else self.ql_sum
 
     def rc(self, kind: str = "logodds") -> float | None:
-        if self.logp_relevant is None:
+        rel, other, floor = self.logp_relevant, self.logp_other, self.label_floor
+        if floor is None:
+            if rel is None:
+                return None
+            return rel - other if kind == "logodds" else rel
+        if rel is None and (other is None or kind == "yes"):
+            return None if kind == "logodds" else floor
+        if kind == "yes":
+            return rel
+        return (rel if rel is not None else floor) - (other if other is not None else floor)
+
+    def rc_bound(self) -> str | None:
+        """"lower" / "upper" when `rc` is a bound (a label absent from a top-k list), else None."""
+        if self.label_floor is None or (self.logp_relevant is None and self.logp_other is None):
             return None
-        return self.logp_relevant - self.logp_other if kind == "logodds" else self.logp_relevant
+        return "lower" if self.logp_other is None else "upper" if self.logp_relevant is None else None
 
     def to_list(self) -> list:
-        return [self.ql_sum, self.ql_tokens, self.logp_relevant, self.logp_other]
+        values = [self.ql_sum, self.ql_tokens, self.logp_relevant, self.logp_other]
+        return values if self.label_floor is None else [*values, self.label_floor]
 
     @staticmethod
     def from_list(values: Sequence) -> "PairScore":
@@ -88,37 +109,54 @@ def passage_for_llm(passage: Passage, max_words: int) -> str:
 
 
 class PairScorer:
-    """Scores the candidates of many queries, one passage (and every query that retrieved it) per LLM call."""
+    """Scores the candidates of many queries, one passage (and every query that retrieved it) per LLM call.
+
+    An LLM without query likelihood (a chat-only server: `ql_missing`) gets RC only, from the
+    same prompt up to the relevance question."""
 
     def __init__(self, llm: LLM, config: ScoreConfig = ScoreConfig()):
         self.llm = llm
         self.config = config
         self.prompt = config.prompt
         self.pairs = 0
+        self.ql_missing = getattr(llm, "ql_missing", None)
+        rc_missing = getattr(llm, "rc_missing", None)
+        if self.ql_missing and not self.prompt.rc or self.ql_missing and rc_missing:
+            raise LLMError(f"{llm.identity}: relabel needs QL or RC and gets neither with prompt style "
+                           f"{config.prompt_style!r}: QL {self.ql_missing}; RC {rc_missing or 'needs prompt style joint or rc-query-first'}")
 
     def score_passage(self, passage: Passage, queries: Sequence[str]) -> list[PairScore]:
         """QL and RC of each query against one passage; a single cached LLM call."""
-        text = passage_for_llm(passage, self.config.max_passage_words)
+        return self.score_passages([(passage, list(queries))])[0]
+
+    def score_passages(self, groups: Sequence[tuple[Passage, Sequence[str]]]) -> list[list[PairScore]]:
+        """Every group's pairs in one LLM call (a Batch API backend makes it one job)."""
         prompt = self.prompt
-        rendered = [prompt.render(text, q) for q in queries]
-        self.pairs += len(queries)
-        if prompt.ql and prompt.rc:
-            requests = [JointRequest(c, q, question, prompt.labels) for c, q, question in rendered]
-            out = []
-            for s in score_and_label(self.llm, prompt.prefix, requests):
-                rel, other = (s.labels.logprobs[label] for label in prompt.labels)
-                out.append(PairScore(s.continuation.total, len(s.continuation.logprobs), rel, other))
-            return out
-        if prompt.ql:  # QL only: one score call per query (the prefix holds the passage)
-            out = []
-            for c, q, _ in rendered:
-                (s,) = self.llm.score(prompt.prefix + c, [q])
-                out.append(PairScore(s.total, len(s.logprobs), None, None))
-            return out
-        out = []
-        for c, q, question in rendered:
-            labels = self.llm.label_logprobs(prompt.prefix + c + q + question, list(prompt.labels)).logprobs
-            out.append(PairScore(None, 0, labels[prompt.labels[0]], labels[prompt.labels[1]]))
+        rendered = [(c, q, question) for passage, queries in groups
+                    for c, q, question in (prompt.render(passage_for_llm(passage, self.config.max_passage_words), q) for q in queries)]
+        self.pairs += len(rendered)
+        if prompt.ql and not self.ql_missing:
+            if prompt.rc:
+                requests = [JointRequest(c, q, question, prompt.labels) for c, q, question in rendered]
+                flat = []
+                for s in score_and_label(self.llm, prompt.prefix, requests):
+                    rel, other = (s.labels.logprobs[label] for label in prompt.labels)
+                    flat.append(PairScore(s.continuation.total, len(s.continuation.logprobs), rel, other))
+            else:  # QL only: one score call per query (the prefix holds the passage)
+                flat = []
+                for c, q, _ in rendered:
+                    (s,) = self.llm.score(prompt.prefix + c, [q])
+                    flat.append(PairScore(s.total, len(s.logprobs), None, None))
+        else:
+            texts = [prompt.prefix + c + q + question for c, q, question in rendered]
+            flat = []
+            for labels in label_logprobs_many(self.llm, texts, list(prompt.labels)):
+                rel, other = (labels.logprobs.get(label) for label in prompt.labels)
+                flat.append(PairScore(None, 0, rel, other, labels.floor))
+        out, start = [], 0
+        for _, queries in groups:
+            out.append(flat[start : start + len(queries)])
+            start += len(queries)
         return out
 
 

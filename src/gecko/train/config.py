@@ -103,7 +103,7 @@ class TrainConfig:
     mini_batch_size: int | None = None  # GradCache (cached loss) with this many rows per forward
     # listwise distillation (gecko.train.loss.ListwiseDistillLoss): weight of KL(teacher || student)
     # over each relabeled query's candidates (0 = off; needs the data's `corpus`); the teacher's
-    # score (ql | fused | retriever), its softmax temperature, and how many texts per list
+    # score (ql | fused | retriever | ql+retriever), its softmax temperature, and how many texts per list
     distill_weight: float = 0.0
     distill_teacher: str = "ql"
     # QL sums log-probabilities over the query: on the demo's relabel output the top-1 / top-2 gap

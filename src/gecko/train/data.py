@@ -44,7 +44,20 @@ class TrainDataError(ValueError):
     """Training data that cannot be used as given; the message names the file and line."""
 
 
-TEACHERS = ("ql", "fused", "retriever")  # per-candidate scores of `gecko relabel` a listwise teacher can use
+# per-candidate scores of `gecko relabel` a listwise teacher can use; ql+retriever is their product
+# of experts, the continuous counterpart of relabel's default fusion (see `teacher_score`)
+TEACHERS = ("ql", "fused", "retriever", "ql+retriever")
+
+
+def teacher_score(scores: dict[str, float | None], teacher: str, retriever_weight: float) -> float | None:
+    """One candidate's teacher score. ql+retriever = QL + retriever_weight x cosine: with
+    retriever_weight = t_r / t_s the teacher's softmax at t_r is the product of QL's softmax at t_r
+    and the base retriever's at the student's temperature t_s (relabel's QL + retriever fusion beat
+    either alone as a re-ranker: README, relabel)."""
+    if teacher == "ql+retriever":
+        ql, retriever = scores.get("ql"), scores.get("retriever")
+        return None if ql is None or retriever is None else ql + retriever_weight * retriever
+    return scores.get(teacher)
 
 
 @dataclass
@@ -455,7 +468,7 @@ def listwise_extras(example: Example, size: int) -> list[str]:
 
 
 def to_columns(examples: list[Example], negatives: int, *, count_column: bool, listwise: int = 0,
-               teacher: str = "ql") -> dict[str, list]:
+               teacher: str = "ql", retriever_weight: float = 0.0) -> dict[str, list]:
     """Dataset columns: anchor, positive, negative_1..negative_k and (when `count_column`) `label`
     = how many of the negative columns are real. Missing negatives are filled with the row's own
     positive (a duplicate inside its row, never seen across rows) and masked by the loss.
@@ -484,7 +497,7 @@ def to_columns(examples: list[Example], negatives: int, *, count_column: bool, l
         others = listwise_extras(Example(example.anchor, example.positive, real, example.candidates), listwise)[:extras]
         for k in range(extras):
             columns[f"candidate_{k + 1}"].append(others[k] if k < len(others) else example.positive)
-        score = {text: scores.get(teacher) for text, scores in example.candidates}
+        score = {text: teacher_score(scores, teacher, retriever_weight) for text, scores in example.candidates}
         nan = float("nan")
         teacher_row = [score.get(example.positive), *(score.get(real[k]) if k < len(real) else None for k in range(negatives)),
                        *(score.get(others[k]) if k < len(others) else None for k in range(extras))]

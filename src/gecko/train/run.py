@@ -174,7 +174,7 @@ class StageResult:
 
 
 def _build_datasets(mixture: Mixture, *, homogeneous: bool, hard_negatives: str, seed: int, listwise: int = 0,
-                    teacher: str = "ql"):
+                    teacher: str = "ql", retriever_weight: float = 0.0):
     """A Dataset (mixed batches) or a DatasetDict (one source per batch), whether the loss reads
     negative counts from the `label` column, and the number of negative columns."""
     from datasets import Dataset, DatasetDict
@@ -195,7 +195,8 @@ def _build_datasets(mixture: Mixture, *, homogeneous: bool, hard_negatives: str,
         return DatasetDict(parts), uses_counts or any("label" in d.column_names for d in parts.values()), 0
     rows = [e for part in mixture.per_source.values() for e in part]
     k = negatives_of(rows)
-    dataset = Dataset.from_dict(to_columns(rows, k, count_column=k > 0, listwise=listwise, teacher=teacher))
+    dataset = Dataset.from_dict(to_columns(rows, k, count_column=k > 0, listwise=listwise, teacher=teacher,
+                                            retriever_weight=retriever_weight))
     return dataset, k > 0, k
 
 
@@ -334,7 +335,8 @@ def _run_stage(
                          "(DataSpec.corpus, `--data PATH` with `--corpus`)")
     dataset, uses_counts, negatives = _build_datasets(
         mixture, homogeneous=config.homogeneous, hard_negatives=hard_negatives, seed=config.seed,
-        listwise=config.distill_list if distill else 0, teacher=config.distill_teacher)
+        listwise=config.distill_list if distill else 0, teacher=config.distill_teacher,
+        retriever_weight=config.distill_temperature / config.temperature)
 
     device = config.device
     use_cpu = device == "cpu" or (device is None and not torch.cuda.is_available())
