@@ -13,7 +13,8 @@ import pyarrow.json as pa_json
 import pytest
 
 from gecko.corpus import Passage
-from gecko.generate import GenerateConfig, parse_query, run_generate
+from gecko.generate import GenerateConfig, generate_batch, parse_query, run_generate
+from gecko.llm import LLMError
 from gecko.llm import load_llm
 from gecko.prompts import few_shot_queries
 
@@ -68,6 +69,25 @@ class ConstantLLM:
     def generate(self, prompts, params):
         self.prompts += len(prompts)
         return [" does vitamin D supplementation reduce hip fractures?"] * len(prompts)
+
+
+class MiscountingLLM(ConstantLLM):
+    """Answers one prompt too few, then (as `extra`) gives a non-text answer in place of one."""
+
+    def __init__(self, drop: bool):
+        super().__init__()
+        self.drop = drop
+
+    def generate(self, prompts, params):
+        answers = super().generate(prompts, params)
+        return answers[1:] if self.drop else [None, *answers[1:]]
+
+
+def test_a_backend_miscounting_answers_is_an_error_and_a_non_text_answer_a_rejection():
+    with pytest.raises(LLMError, match="answers to"):
+        generate_batch([PASSAGE], MiscountingLLM(drop=True), GenerateConfig(per_passage=2))
+    entry = generate_batch([PASSAGE], MiscountingLLM(drop=False), GenerateConfig(per_passage=2, max_attempts=1))[PASSAGE.id]
+    assert entry["rejected"]["not text"] == 1 and len(entry["records"]) == 1
 
 
 def test_rerun_with_other_settings_redoes_the_journaled_passages(tmp_path):

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from gecko.corpus import Passage, load_corpus
 from gecko.journal import Journal, write_json_atomic, write_jsonl_atomic
-from gecko.llm import LLM, GenerationParams
+from gecko.llm import LLM, GenerationParams, LLMError
 from gecko.llm.usage import BudgetExceeded, usage_line
 from gecko.prompts import GENERATE_PROMPTS, TASK_TYPES, few_shot_queries
 
@@ -216,10 +216,13 @@ def generate_batch(passages: list[Passage], llm: LLM, config: GenerateConfig) ->
         prompts = [render(" ".join(s.passage.text.split()[: config.max_passage_words]), s.task_type) for s in pending]
         params = GenerationParams(config.max_tokens, config.temperature, config.top_p, ("\n",), seed)
         raws = llm.generate(prompts, params)
+        if len(raws) != len(prompts):  # zip would drop or invent slots without a word
+            raise LLMError(f"{llm.identity}: {len(raws)} answers to {len(prompts)} prompts")
         retry = []
         for slot, raw in zip(pending, raws):
             entry = entries[slot.passage.id]
-            query, reason = parse_query(raw, slot.task_type, slot.passage, examples)
+            query, reason = (parse_query(raw, slot.task_type, slot.passage, examples) if isinstance(raw, str)
+                             else (None, "not text"))
             if query is not None and any(_overlap(words(query), words(r["query"])) >= 0.8 for r in entry["records"]):
                 query, reason = None, "duplicate"
             if query is None:
