@@ -527,8 +527,6 @@ def run_relabel(
             bound = PairScore.from_list(pair[2:]).rc_bound()
             if bound:
                 rc_bounds[bound] += 1
-            elif len(pair) > 6 and pair[4] is None and pair[5] is None:
-                rc_bounds["unknown"] += 1
         by_id = {c.id: c for c in example.candidates}
         for c in example.candidates:
             if c.ql is not None:

@@ -88,9 +88,12 @@ class PairScore:
         return (rel if rel is not None else floor) - (other if other is not None else floor)
 
     def rc_bound(self) -> str | None:
-        """"lower" / "upper" when `rc` is a bound (a label absent from a top-k list), else None."""
-        if self.label_floor is None or (self.logp_relevant is None and self.logp_other is None):
+        """"lower" / "upper" when `rc` is a bound (a label absent from a top-k list), "unknown" when
+        both labels are absent (no RC), else None."""
+        if self.label_floor is None:
             return None
+        if self.logp_relevant is None and self.logp_other is None:
+            return "unknown"
         return "lower" if self.logp_other is None else "upper" if self.logp_relevant is None else None
 
     def to_list(self) -> list:
