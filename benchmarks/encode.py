@@ -26,7 +26,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from gecko.encode import Encoder, encode_file  # noqa: E402
+from gecko.embed import Embedder  # noqa: E402
+from gecko.encode import encode_file  # noqa: E402
 
 SCIFACT = Path(__file__).resolve().parents[2] / "shared" / "data" / "scifact"
 
@@ -50,10 +51,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    encoder = Encoder()
+    encoder = Embedder(cache=False)
     model = encoder.model  # the baseline runs on this very object
     texts = load_texts(args.texts, args.seed)
-    encoder.embed(texts[:8])  # warm-up
+    encoder.encode(texts[:8])  # warm-up
     tokens = np.array([len(ids) for ids in model.tokenizer(texts, truncation=True, max_length=encoder.max_length)["input_ids"]])
     times: dict[str, list[float]] = {"gecko": [], "st": []}
     st_emb = None

@@ -27,11 +27,12 @@ def model_folder(path: Path) -> str:
 
 
 def per_query_ndcg(model: str, data, task, mode: str) -> dict[int, list[float]]:
-    from gecko.evaluate.encoder import Embedder, Prompts, truncate
+    from gecko.embed import Embedder, truncate
     from gecko.evaluate.metrics import exact_ranking, ranking_per_query
+    from gecko.formats import Prompts
 
     embedder = Embedder(model, progress=False)
-    style = Prompts(mode, getattr(embedder.model, "prompts", None))
+    style = Prompts(mode, embedder.prompts)
     qids = list(data.queries)
     q = embedder.embed([style.query(data.queries[i], task) for i in qids])
     d = embedder.embed([style.document(p.title, p.text) for p in data.corpus])

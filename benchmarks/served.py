@@ -1,17 +1,26 @@
-"""The demo run through served LLMs: a chat-only OpenAI-compatible server, and the Batch API.
+"""The demo run (`gecko run` on gecko/data/demo.yaml) through served LLMs: a chat-only
+OpenAI-compatible server, and the Batch API.
 
-Starts llama-cpp-python's server on the packaged Gemma 3 270M (chat template chatml: the model is
-a base model and has none), then runs `gecko demo` (10 of its 40 passages, top 5) twice with fresh LLM caches:
+The server is llama-cpp-python's, on the packaged Gemma 3 270M. That model is a *base* model with
+no chat template, and a chat template it never saw (chatml) makes it answer chat requests with
+empty or preamble text; so the server's chat endpoint renders a request's messages *raw*: their
+texts one after the other, a blank line between, no role markers (`raw_chat_format`, registered
+as chat format "raw" in the server's process). The chat endpoint is then the model's completion
+with the chat API around it: gecko's side is its real chat path. In front of it, the fake of
+tests/fake_openai_server.py (real HTTP) stands in for the served API:
 
-- batch: through the Files and Batches endpoints of the fake of tests/fake_openai_server.py
-  (jobs answered by the real server's /v1/completions: QL and RC exact);
-- chat: through the same fake of tests/fake_openai_server.py in front of it, refusing /v1/completions
-  as hosted chat APIs do (generate through chat, RC from top log-probabilities, no QL).
+- chat: it refuses /v1/completions as hosted chat APIs do, so the probe finds no prompt
+  log-probabilities: generate goes through chat (the instruction prompt), RC comes from the label
+  token's top-20 chat log-probabilities, QL is unavailable and relabel fuses RC with the retriever;
+- batch: `llm_options: {batch: true}`: the requests of each call become one job through its Files
+  and Batches endpoints, run on the real server's /v1/completions (QL and RC exact).
 
-Prices are illustrative (a price table in the config; $0.10 / $0.40 per million tokens in / out),
-to show the cost table of report.md. Prints each run's stage times and usage as JSON.
+Each run is the whole pipeline (generate, relabel, train, eval) with fresh run folders and LLM
+caches; by default at the demo's size (40 passages, top 10). Prices are illustrative ($0.10 /
+$0.40 per million tokens in / out; Batch calls at half), to fill the cost table of report.md.
+Prints each run's stages, LLM usage and eval table as JSON.
 
-    nice -n 15 .venv/bin/python benchmarks/served.py [--keep DIR] [--threads 2]
+    nice -n 15 .venv/bin/python benchmarks/served.py [--only chat|batch] [--keep DIR] [--limit 40] [--top-n 10]
 """
 
 from __future__ import annotations
@@ -35,7 +44,26 @@ from demo import cpu_name  # noqa: E402
 from fake_openai_server import FakeOpenAIServer  # noqa: E402
 
 ALIAS = "gemma3-270m"
-LIMIT, TOP_N = 10, 5  # 10 of the demo's 40 passages, top 5: the 270M model through HTTP is slow on 2 shared cores
+PRICE = {"input": 0.10, "output": 0.40}
+
+
+def raw_chat_format(messages: list[dict], **_) -> "object":
+    """The messages' texts as plain completion text: a base model's chat endpoint without a template."""
+    from llama_cpp.llama_chat_format import ChatFormatterResponse
+
+    texts = [m["content"] if isinstance(m["content"], str) else "".join(p.get("text", "") for p in m["content"])
+             for m in messages if m.get("content")]
+    return ChatFormatterResponse(prompt="\n\n".join(texts))
+
+
+def serve(argv: list[str]) -> None:
+    """llama_cpp.server with the "raw" chat format registered (run in the server's own process)."""
+    from llama_cpp.llama_chat_format import register_chat_format
+    from llama_cpp.server.__main__ import main as server_main
+
+    register_chat_format("raw")(raw_chat_format)
+    sys.argv = ["llama_cpp.server", *argv]
+    server_main()
 
 
 def start_server(threads: int, log: Path) -> tuple[subprocess.Popen, str]:
@@ -44,57 +72,65 @@ def start_server(threads: int, log: Path) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(default_gguf_path()), "--model_alias", ALIAS,
+    cmd = [sys.executable, __file__, "--serve", "--model", str(default_gguf_path()), "--model_alias", ALIAS,
            "--n_threads", str(threads), "--n_threads_batch", str(threads), "--n_ctx", "4096", "--logits_all", "true",
-           "--chat_format", "chatml", "--host", "127.0.0.1", "--port", str(port)]
+           "--chat_format", "raw", "--host", "127.0.0.1", "--port", str(port)]
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/v1"
-    for _ in range(240):
+    for _ in range(480):
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited with {proc.returncode}; see {log}")
         try:
             if httpx.get(f"{url}/models", timeout=2).status_code == 200:
                 return proc, url
         except httpx.TransportError:
             time.sleep(0.5)
-    raise SystemExit(f"llama_cpp.server did not start; see {log}")
+    raise SystemExit(f"the server did not start; see {log}")
 
 
-def run(name: str, url: str, root: Path, options: dict, extra: list[str]) -> dict:
+def run(name: str, url: str, root: Path, options: dict, overrides: list[str]) -> dict:
+    """`gecko run` on the demo config with this server as its LLM; the stages' LLM usage and the eval."""
     from gecko.pipeline import load_config, run_pipeline
 
-    overrides = [f"run_dir={root / name}", f"generate.limit={LIMIT}", f"relabel.top_n={TOP_N}", f"llm=openai:{url}#{ALIAS}", f"llm_cache={root / name / 'llm-cache.sqlite'}",
-                 f"llm_options={json.dumps({'extra_body': {'repeat_penalty': 1.0}, **options})}",
-                 "prices={%s: {input: 0.10, output: 0.40}}" % ALIAS, *extra]
+    options = {"extra_body": {"repeat_penalty": 1.0}, "timeout": 600, "batch_dir": str(root / name / "batches"), **options}
+    overrides = [f"run_dir={root / name}", f"llm=openai:{url}#{ALIAS}", f"llm_cache={root / name / 'llm-cache.sqlite'}",
+                 f"llm_options={json.dumps(options)}", f"prices={json.dumps({ALIAS: PRICE})}", *overrides]
     config = load_config(ROOT / "src/gecko/data/demo.yaml", overrides)
     start = time.perf_counter()
     result = run_pipeline(config, progress=False)
     wall = time.perf_counter() - start
-    stages = {s.name: s.manifest.get("wall_s") for s in result.stages}
-    usage = {s.name: {k: s.manifest["summary"].get(k) for k in ("llm_calls", "tokens_in", "tokens_out", "cost", "prompt_style",
-                                                               "ql_unavailable", "fusion_used", "rc_bounds")}
+    keys = ("passages", "accepted", "queries", "pairs_scored", "llm_calls", "llm_cache_hits", "tokens_in", "tokens_out", "cost",
+            "prompt_style", "ql_unavailable", "fusion_used", "rc_bounds")
+    usage = {s.name: {k: s.manifest["summary"][k] for k in keys if k in s.manifest["summary"]}
              for s in result.stages if s.name in ("generate", "relabel")}
-    return {"run": name, "wall_s": round(wall, 1), "stages_s": stages, "usage": usage, "report": str(result.report),
-            "table": result.table()}
+    return {"run": name, "wall_s": round(wall, 1), "stages_s": {s.name: s.manifest.get("wall_s") for s in result.stages},
+            "usage": usage, "report": str(result.report), "table": result.table()}
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--serve"]:
+        return serve(sys.argv[2:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--keep", type=Path, default=None)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--keep", type=Path, default=None, help="folder for the runs (default: a new temporary one)")
+    parser.add_argument("--threads", type=int, default=1, help="the server's threads")
     parser.add_argument("--only", choices=["chat", "batch"], default=None)
+    parser.add_argument("--limit", type=int, default=None, help="passages to generate for (default: the demo's 40)")
+    parser.add_argument("--top-n", type=int, default=None, help="relabel candidates per query (default: the demo's 10)")
     args = parser.parse_args()
     root = args.keep or Path(tempfile.mkdtemp(prefix="gecko-served-"))
     root.mkdir(parents=True, exist_ok=True)
+    sizes = ([f"generate.limit={args.limit}"] if args.limit else []) + ([f"relabel.top_n={args.top_n}"] if args.top_n else [])
     print(f"CPU: {cpu_name()}; runs in {root}", flush=True)
-    proc, upstream = start_server(args.threads, root / "server.log")
+    proc, upstream = start_server(args.threads, root / f"server-{args.only or 'both'}.log")
     try:
         with FakeOpenAIServer(model=ALIAS, upstream=upstream) as proxy:
             if args.only in (None, "batch"):
-                # one Batch job per generate round (all passages) and per relabel chunk
-                print(json.dumps(run("batch", proxy.url, root, {"batch": True, "batch_poll_s": 1.0, "timeout": 600},
-                                     [f"generate.batch_size={LIMIT}"]), indent=1), flush=True)
+                # one Batch job per generate round (all passages in one batch) and per relabel chunk
+                print(json.dumps(run("batch", proxy.url, root, {"batch": True, "batch_poll_s": 1.0},
+                                     ["generate.batch_size=1000", *sizes]), indent=1), flush=True)
             if args.only in (None, "chat"):
                 proxy.refuse = {"/v1/completions"}
-                print(json.dumps(run("chat", proxy.url, root, {}, []), indent=1), flush=True)
+                print(json.dumps(run("chat", proxy.url, root, {}, sizes), indent=1), flush=True)
     finally:
         proc.terminate()
         proc.wait(10)

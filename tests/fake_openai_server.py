@@ -1,7 +1,8 @@
 """A scripted stand-in for an OpenAI-compatible server, for fault-injection tests (real HTTP).
 
 Each request takes the next fault from `script` ("500", "429", "400", "404", "hang", "drop",
-"badjson"); once the script is empty it answers normally. Every request is recorded, so
+"badjson", "drip": the normal answer one byte every `drip_s`); once the script is empty it
+answers normally. Every request is recorded, so
 tests can count the attempts the client made and inspect what it sent.
 
 Routes: `/v1/completions` answers with `responder(body)`, `/v1/chat/completions` with
@@ -52,9 +53,10 @@ def default_chat(body: dict) -> dict:
 
 
 class FakeOpenAIServer:
-    def __init__(self, model: str = "fake-model", hang_s: float = 1.0, upstream: str | None = None):
+    def __init__(self, model: str = "fake-model", hang_s: float = 1.0, upstream: str | None = None, drip_s: float = 0.05):
         self.model = model
         self.hang_s = hang_s
+        self.drip_s = drip_s
         self.upstream = upstream
         self.script: list[str] = []
         self.requests: list[dict] = []  # {"method", "path", "headers", "body"}
@@ -215,15 +217,18 @@ def _handler_for(fake: FakeOpenAIServer) -> type[BaseHTTPRequestHandler]:
             if fault == "badjson":
                 return self._send(200, b'{"choices": [ this is not json')
             status, answer = fake._answer(method, self.path, body, raw, content_type)
-            self._send(status, answer if isinstance(answer, bytes) else json.dumps(answer).encode())
+            self._send(status, answer if isinstance(answer, bytes) else json.dumps(answer).encode(), drip=fault == "drip")
 
-        def _send(self, status: int, payload: bytes) -> None:
+        def _send(self, status: int, payload: bytes, drip: bool = False) -> None:
             try:
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
-                self.wfile.write(payload)
+                for start in range(0, len(payload), 1 if drip else len(payload) or 1):
+                    self.wfile.write(payload[start : start + 1] if drip else payload)
+                    self.wfile.flush()
+                    time.sleep(fake.drip_s if drip else 0)
             except OSError:  # the client gave up (timeout) and closed its end
                 self.close_connection = True
 

@@ -1,8 +1,10 @@
 """The command line as a new user meets it: bad input is one `gecko: error:` line (exit 2, no
-traceback, nothing left behind), and `gecko rerank-eval` runs end to end at a tiny size."""
+traceback, nothing left behind), `gecko rerank-eval` runs end to end at a tiny size, and the
+options are the config dataclasses' fields with their defaults."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -90,3 +92,28 @@ def test_a_corrupt_parquet_page_is_named(tmp_path, capsys):
     path.write_bytes(bytes(data))
     assert main(["corpus", "check", str(path)]) == 2
     _one_error_line(capsys, f"{path}: cannot read Parquet after row 0")
+
+
+def test_options_are_the_config_fields_with_their_defaults():
+    """Every field of the configs is an option; unset, the command builds the dataclass's defaults
+    (train's options leave a --config file's values, so only --resume / --progress are set)."""
+    from gecko.cli import build_parser
+    from gecko.generate import GenerateConfig
+    from gecko.options import given
+    from gecko.relabel import RelabelConfig, ScoreConfig
+    from gecko.retrieve import RetrieveConfig
+    from gecko.serve import ServeConfig
+    from gecko.train import TrainConfig
+
+    parse = build_parser().parse_args
+    assert GenerateConfig(**given(parse(["generate", "--corpus", "c", "--out", "o"]), GenerateConfig)) == GenerateConfig()
+    assert ServeConfig(**given(parse(["serve"]), ServeConfig)) == ServeConfig()
+    args = parse(["relabel", "--generated", "g", "--corpus", "c", "--out", "o"])
+    score, retrieve = ScoreConfig(**given(args, ScoreConfig)), RetrieveConfig(**given(args, RetrieveConfig))
+    assert RelabelConfig(**given(args, RelabelConfig), score=score, retrieve=retrieve) == RelabelConfig()
+    assert parse(["rerank-eval", "--dataset", "d", "--labels", "Oui/Non"]).labels == (" Oui", " Non")
+    args = parse(["train", "--data", "d.jsonl", "--out", "o", "--dims", "384,64", "--no-same-tower"])
+    assert given(args, TrainConfig) == {"data": ["d.jsonl"], "out": "o", "dims": [384, 64], "same_tower": False,
+                                        "resume": False, "progress": True}
+    options = {a.dest for a in build_parser()._subparsers._group_actions[0].choices["train"]._actions}
+    assert {f.name for f in dataclasses.fields(TrainConfig)} - options == {"pretrain"}  # its fields are --pretrain-*

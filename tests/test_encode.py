@@ -16,7 +16,8 @@ torch.set_num_threads(1)
 from gecko.cli import main  # noqa: E402
 from gecko.corpus import CorpusError  # noqa: E402
 import gecko.encode  # noqa: E402
-from gecko.encode import EncodeError, Encoder, encode_file, load_embeddings  # noqa: E402
+from gecko.embed import EmbedError, Embedder  # noqa: E402
+from gecko.encode import encode_file, input_format, load_embeddings  # noqa: E402
 from gecko.models import default_embedder_path  # noqa: E402
 from gecko.train import saved_prompts  # noqa: E402
 
@@ -37,12 +38,12 @@ def _mteb_text(doc) -> str:
 
 
 @pytest.fixture(scope="module")
-def encoder() -> Encoder:
-    return Encoder()
+def encoder() -> Embedder:
+    return Embedder(cache=False)
 
 
 @pytest.fixture(scope="module")
-def gecko_model(tmp_path_factory) -> Encoder:
+def gecko_model(tmp_path_factory) -> Embedder:
     """The packaged MiniLM with the prompts `gecko train` saves (weights linked, not copied)."""
     src = default_embedder_path()
     root = tmp_path_factory.mktemp("gecko-model")
@@ -51,7 +52,7 @@ def gecko_model(tmp_path_factory) -> Encoder:
             os.symlink(os.path.join(src, entry), root / entry)
     config = {"prompts": saved_prompts(), "default_prompt_name": None}
     (root / "config_sentence_transformers.json").write_text(json.dumps(config))
-    return Encoder(str(root))
+    return Embedder(str(root), cache=False)
 
 
 @pytest.fixture()
@@ -111,10 +112,10 @@ def test_prompts_of_a_gecko_trained_model(gecko_model, encoder, corpus, tmp_path
     docs = [f"title: {d['title'] or 'none'} | text: {d['text']}" for d in DOCS]  # titles kept, untitled = the prompt
     assert np.allclose(np.load(tmp_path / "d.npy"), _reference(st, docs), atol=1e-5)
     # the plain MiniLM saves no prompts: --as adds nothing, --task still builds the query prompt
-    assert encoder.input_format("query").prompt is None and encoder.input_format("document").prompt is None
-    assert encoder.input_format(None, "x").prompt == "task: x | query: "
-    with pytest.raises(EncodeError, match="--task"):
-        gecko_model.input_format("document", "fact checking")
+    assert input_format(encoder, "query").prompt is None and input_format(encoder, "document").prompt is None
+    assert input_format(encoder, None, "x").prompt == "task: x | query: "
+    with pytest.raises(EmbedError, match="--task"):
+        input_format(gecko_model, "document", "fact checking")
 
 
 def test_bad_input_fails_with_file_line_and_leaves_no_output(encoder, tmp_path, capsys):
@@ -130,7 +131,7 @@ def test_bad_input_fails_with_file_line_and_leaves_no_output(encoder, tmp_path, 
     assert "must end in .npy or .parquet" in capsys.readouterr().err
     assert main(["encode", "--input", str(tmp_path / "missing.jsonl"), "--out", str(out)]) == 2
     assert "no such file" in capsys.readouterr().err
-    with pytest.raises(EncodeError, match="dims 999"):
+    with pytest.raises(EmbedError, match="dims 999"):
         encode_file(bad, out, encoder, dims=999, lenient=True, progress=False)
 
 
@@ -158,11 +159,11 @@ def test_npy_and_ids_are_never_a_mismatched_pair(encoder, corpus, tmp_path, monk
         encode_file(three, out, encoder, progress=False)
     assert renamed == [("emb.npy", False), ("emb.ids.json", False)]  # the old ids were gone before the new .npy came
     assert np.load(out).shape == (3, 384)
-    with pytest.raises(EncodeError, match=r"emb\.ids\.json: no such file"):
+    with pytest.raises(EmbedError, match=r"emb\.ids\.json: no such file"):
         load_embeddings(out)
     monkeypatch.undo()
     encode_file(three, out, encoder, progress=False)  # the same command again completes the pair
     assert load_embeddings(out)[0] == ["d1", "d2", "d3"]
     (tmp_path / "emb.ids.json").write_text('["d1", "d2"]')  # a pair not written together
-    with pytest.raises(EncodeError, match=r"2 ids for the 3 rows"):
+    with pytest.raises(EmbedError, match=r"2 ids for the 3 rows"):
         load_embeddings(out)

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 
 from gecko.cli import main
+from gecko.embed import Embedder, truncate
 from gecko.evaluate import (
     ClassificationTask,
-    Embedder,
     EvalError,
     RetrievalTask,
     STSTask,
@@ -27,7 +27,6 @@ from gecko.evaluate import (
     load_results,
     load_task_data,
     resolve_task,
-    truncate,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,8 +106,8 @@ def first_run(slices, cache, tmp_path_factory):
 
 
 def test_prompt_modes_model_gecko_none():
-    from gecko.evaluate import Prompts
     from gecko.evaluate.tasks import RetrievalTask, STSTask
+    from gecko.formats import Prompts
 
     sci, other, sts = RetrievalTask("scifact", ".", prompt="fact checking"), RetrievalTask("mine", "."), STSTask("stsb", ".")
     saved = {"query": "task: search result | query: ", "document": "title: none | text: ", "scifact": "task: fact checking | query: "}
@@ -174,6 +173,19 @@ def test_second_run_hits_the_embedding_cache(first_run, slices, cache, tmp_path,
     before = {t["task"]: t["main_score"] for t in first["tasks"]}
     for name in scores:
         assert scores[name]["384"] == pytest.approx(before[name]["384"], abs=1e-6)
+
+
+def test_cache_keys_are_those_earlier_versions_wrote(tmp_path):
+    """sha256(identity NUL prompt+text) in {cache}/{identity[:16]}/*.keys: existing caches keep serving."""
+    import hashlib
+
+    embedder = Embedder("default", cache_dir=tmp_path, progress=False)
+    embedder.embed(["a cat"], prompt="task: x | query: ")
+    (keys,) = (tmp_path / embedder.identity[:16]).glob("*.keys")
+    assert keys.read_text().split() == [hashlib.sha256(f"{embedder.identity}\0task: x | query: a cat".encode()).hexdigest()]
+    again = Embedder("default", cache_dir=tmp_path, progress=False)
+    assert np.array_equal(again.embed(["task: x | query: a cat"]), embedder.embed(["a cat"], prompt="task: x | query: "))
+    assert again.encoded == 0
 
 
 def test_no_prompts_and_baseline_delta(first_run, slices, cache, tmp_path, capsys):

@@ -188,6 +188,23 @@ def test_persistent_faults_give_a_clear_error(fake, fault, words):
     assert len(_completions(fake)) == 3
 
 
+def test_a_slow_drip_fails_each_attempt_at_the_deadline(fake):
+    """A byte every 0.05 s keeps every read inside the 0.3 s timeout; the deadline ends the attempt."""
+    fake.script = ["drip"]
+    llm = _client(fake, deadline=0.5)
+    assert llm.deadline == 0.5 and _client(fake).deadline == 0.6  # default: twice the timeout
+    begin = time.monotonic()
+    assert llm.generate(["hi"], GenerationParams(max_tokens=2)) == ["ok"]  # the retry is answered at once
+    assert len(_completions(fake)) == 2 and time.monotonic() - begin < 3
+    fake.script = ["drip"] * 3
+    begin = time.monotonic()
+    with pytest.raises(LLMError) as info:
+        _client(fake, deadline=0.5, max_retries=2).generate(["hi"], GenerationParams())
+    message = str(info.value)
+    assert f"{fake.url}/completions" in message and "3 attempts" in message and "0.5 s deadline" in message
+    assert time.monotonic() - begin < 5  # three attempts of 0.5 s, not the drip's ~9 s each
+
+
 def test_client_errors_are_not_retried(fake):
     fake.script = ["400"]
     llm = _client(fake)

@@ -21,7 +21,7 @@ import torch
 
 from gecko.corpus import Passage
 from gecko.llm import load_llm
-from gecko.llm.base import ContinuationScore, JointRequest, LabelScores, score_and_label, score_and_label_by_parts
+from gecko.llm.base import ContinuationScore, JointRequest, JointScore, LabelScores, score_and_label, score_and_label_by_parts
 from gecko.relabel import (
     RelabelConfig,
     RelabelError,
@@ -38,7 +38,7 @@ from gecko.relabel import (
     select_negatives,
 )
 from gecko.relabel.run import GeneratedRecord
-from gecko.relabel.scoring import PairScore, PairScorer
+from gecko.relabel.scoring import InvalidScore, PairScore, PairScorer
 from gecko.retrieve import RetrieveConfig
 
 torch.set_num_threads(1)
@@ -313,6 +313,67 @@ def test_joint_scores_on_llamacpp_equal_separate_prompts_with_fewer_tokens(llama
     assert joint_tokens * 4 < naive_tokens, (joint_tokens, naive_tokens)
 
 
+class BrokenLLM:
+    """score_and_label answers with NaN QL for passages that contain `word`, or (by `mode`)
+    without a label, or one score short."""
+
+    identity = "fake:broken"
+
+    def __init__(self, mode: str = "nan", word: str = "poison"):
+        self.mode, self.word = mode, word
+
+    def score_and_label(self, prefix, requests):
+        out = []
+        for r in requests:
+            value = float("nan") if self.mode == "nan" and self.word in r.context else -1.0
+            labels = {} if self.mode == "no labels" else {label: -0.5 for label in r.labels}
+            out.append(JointScore(ContinuationScore(["x", "y"], [value, -1.0]), LabelScores(labels)))
+        return out[:-1] if self.mode == "short" else out
+
+
+@pytest.mark.parametrize("mode, message", [("no labels", r"no log-probability for label\(s\) \[' Yes', ' No'\]"),
+                                           ("short", r"2 scores for 3 \(query, passage\) pairs")])
+def test_a_backend_missing_a_label_or_a_score_is_a_named_error(mode, message):
+    passage = Passage("d", "d", "", "cats purr")
+    with pytest.raises(InvalidScore, match=message) as info:
+        PairScorer(BrokenLLM(mode)).score_passage(passage, ["a", "b", "c"])
+    assert "fake:broken" in str(info.value)
+
+
+def _nan_inputs(tmp_path: Path) -> tuple[Path, Path]:
+    texts = ["cats purr when they are content", "poison ivy causes a rash", "dogs bark at strangers",
+             "vitamin d and bone health", "the stock market fell today", "rain forests hold many species"]
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"_id": f"d{i}", "title": "", "text": t}) + "\n" for i, t in enumerate(texts)))
+    generated = tmp_path / "generated.jsonl"
+    generated.write_text("".join(json.dumps({"id": f"q{i}", "seed_id": f"d{i}", "task": TASK, "query": q}) + "\n"
+                                 for i, q in enumerate(["why do cats purr", "what does poison ivy do", "vitamin d bones"])))
+    return generated, corpus
+
+
+def test_nan_scores_never_reach_a_file_an_error_or_a_counted_skip(tmp_path):
+    generated, corpus = _nan_inputs(tmp_path)
+    retrieve = RetrieveConfig(cache_dir=str(tmp_path / "emb"))
+    out = tmp_path / "strict.jsonl"
+    with pytest.raises(InvalidScore, match=r"fake:broken gave a score that is not finite \(query 'q\d', passage 'd1': QL nan\)"):
+        run_relabel(generated, corpus, out, BrokenLLM(), RelabelConfig(top_n=6, retrieve=retrieve), progress=False)
+    assert not out.exists()
+    journal = tmp_path / "strict.jsonl.journal"
+    assert "NaN" not in (journal.read_text() if journal.exists() else "")
+
+    def strict_json(text: str) -> object:
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} written"))
+
+    out = tmp_path / "lenient.jsonl"  # top-3 from 6 passages: the poison passage is not every query's candidate
+    summary = run_relabel(generated, corpus, out, BrokenLLM(), RelabelConfig(top_n=3, lenient=True, retrieve=retrieve), progress=False)
+    rows = [strict_json(line) for line in out.read_text().splitlines()]
+    written = strict_json((tmp_path / "lenient.jsonl.summary.json").read_text())
+    assert summary.skipped["invalid_llm_score"] >= 1 and written["skipped"] == dict(summary.skipped)
+    assert summary.examples == len(rows) == 3 - summary.skipped["invalid_llm_score"]
+    assert "NaN" not in (tmp_path / "lenient.jsonl.journal").read_text()
+    assert all("d1" not in [c["id"] for c in r["candidates"]] for r in rows)
+
+
 # ---------------------------------------------------------------- rerank-eval on a BEIR folder
 
 
@@ -357,6 +418,8 @@ def test_rerank_eval_ranks_a_beir_folder_by_the_rules_of_eval(tmp_path, capsys):
     assert kept.precision_at_1["retriever"] == 0.0  # each query's own document comes first
     with pytest.raises(EvalError, match=r"qrels.test.tsv:6: corpus id 'gone' is not in the corpus"):
         run_rerank_eval(folder, CountingLLM(), top_n=10, retrieve=retrieve, progress=False, strict=True)
+    with pytest.raises(InvalidScore, match=r"fake:broken gave a score that is not finite \(query '0a', document '\w+': QL nan\)"):
+        run_rerank_eval(folder, BrokenLLM(word=""), top_n=10, retrieve=retrieve, progress=False)
 
 
 # ---------------------------------------------------------------- real runs on a SciFact slice

@@ -22,7 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)
 
 from gecko.cli import build_parser  # noqa: E402
-from gecko.encode import Encoder  # noqa: E402
+from gecko.embed import Embedder  # noqa: E402
 from gecko.serve import MicroBatcher, ServeConfig, create_app  # noqa: E402
 
 KEY = "sk-test-gecko"
@@ -41,8 +41,8 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def encoder() -> Encoder:
-    return Encoder()
+def encoder() -> Embedder:
+    return Embedder(cache=False)
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +162,7 @@ def test_requests_arriving_while_the_model_is_busy_share_one_batch(encoder):
         calls.append((len(texts), prompt))
         if len(calls) == 1:
             busy.wait(30)
-        return encoder.embed(texts, prompt)
+        return encoder.encode_counted(texts, prompt)
 
     async def scenario():
         batcher = MicroBatcher(embed)
@@ -181,7 +181,7 @@ def test_requests_arriving_while_the_model_is_busy_share_one_batch(encoder):
     results, stats = asyncio.run(scenario())
     assert calls == [(1, None), (4, None), (1, "task: x | query: ")]  # one batch, one model call per prompt
     assert stats["batches"] == 2 and stats["largest_batch_requests"] == 4
-    alone, _ = encoder.embed(["two", "three"])
+    alone, _ = encoder.encode_counted(["two", "three"])
     assert np.allclose(results[1][0], alone, atol=1e-5) and results[2][0].shape == (1, 384)
 
 
@@ -194,7 +194,7 @@ def test_no_corpus_and_internal_errors_stay_in_shape(encoder):
         def __getattr__(self, name):
             return getattr(encoder, name)
 
-        def embed(self, texts, prompt=None):
+        def encode_counted(self, texts, prompt=None):
             raise RuntimeError("secret internal detail")
 
     with TestClient(create_app(ServeConfig(), encoder=Broken()), raise_server_exceptions=False) as http:

@@ -134,3 +134,30 @@ def test_relabel_through_the_batch_api_equals_live(corpus, tmp_path):
     live, batched = outputs[False][1], outputs[True][1]
     assert len(jobs) == 1  # the whole chunk: one job
     assert batched.tokens_in == live.tokens_in and batched.cost == pytest.approx(live.cost / 2, abs=1e-6)  # half the price
+
+
+def test_ray_engine_on_chat_only_servers(corpus, tmp_path):
+    """Several chat-only servers under `--engine ray`: the actors send the served model's name, the
+    records and the manifest carry the same identity (with the probe's `@chat`), the stages adapt
+    as locally (chat prompt; RC + retriever), and the driver prices the actors' tokens."""
+    pytest.importorskip("ray")
+    from gecko.scale import RayConfig, run_generate_ray, run_relabel_ray
+
+    price = Price(1.0, 2.0)
+    with FakeOpenAIServer() as one, FakeOpenAIServer() as two:
+        for fake in (one, two):
+            fake.refuse, fake.chat_responder = {"/v1/completions"}, chat_model
+        spec, engine = f"openai:{one.url},{two.url}#fake-model", RayConfig(actors=2, num_cpus=0.5)
+        generated, relabeled = tmp_path / "generated.jsonl", tmp_path / "relabeled.jsonl"
+        gen = run_generate_ray(corpus, generated, spec, GenerateConfig(batch_size=1), engine, cache=tmp_path / "cache.sqlite",
+                               progress=False, prices={"fake-model": price})
+        rel = run_relabel_ray(generated, corpus, relabeled, spec, RelabelConfig(top_n=3), engine, cache=tmp_path / "cache.sqlite",
+                              progress=False, prices={"fake-model": price})
+        models = {r["body"]["model"] for fake in (one, two) for r in fake.requests if r["method"] == "POST"}
+    identity = f"openai:{one.url},{two.url}#fake-model@chat"
+    records = [json.loads(line) for part in sorted(generated.glob("part-*")) for line in part.read_text().splitlines()]
+    assert json.loads((generated / "manifest.json").read_text())["llm"] == identity and {r["model"] for r in records} == {identity}
+    assert json.loads((relabeled / "manifest.json").read_text())["llm"] == identity and models == {"fake-model"}
+    assert gen.prompt_style == "chat" and gen.accepted == len(TEXTS) and rel.fusion_used == "weighted:rc=1,retriever=1"
+    for summary in (gen, rel):
+        assert summary.tokens_in > 0 and summary.cost == pytest.approx(price.cost(summary.tokens_in, summary.tokens_out), abs=1e-6)

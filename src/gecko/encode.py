@@ -1,11 +1,6 @@
-"""Embed texts with a sentence-transformers model: `Encoder` (shared with `gecko serve`) and `encode_file`.
+"""`gecko encode`: embed every text of a file (`encode_file`), as a query or a document (`input_format`).
 
-Speed: a CPU forward pass costs about batch × longest-text tokens, so texts are sorted by their
-exact token count (sentence-transformers sorts by characters) and batched under a token budget
-(`batch_tokens`) rather than a fixed batch size: short texts go in large batches, long ones in
-small batches whose activations stay in cache. `benchmarks/encode.py` measures it against
-`SentenceTransformer.encode` on the same texts.
-
+Batching, the model and Matryoshka truncation are `gecko.embed.Embedder`'s (shared with `gecko serve`).
 `encode_file` streams: it reads `chunk_size` texts, embeds them, appends them to the output and
 drops them, so memory does not grow with the input. The output is written beside its final path
 and renamed over it at the end, so a reader never sees half a file and a failed run leaves none.
@@ -25,18 +20,13 @@ from typing import Iterator
 import numpy as np
 
 from gecko.corpus import CorpusError, CorpusSummary, Passage, iter_passages
-from gecko.evaluate.encoder import Prompts, truncate
-from gecko.formats import query_prompt
+from gecko.embed import EmbedError, Embedder
+from gecko.formats import format_document, is_document_prompt, plain_document, query_prompt
 from gecko.journal import replace_durably
-from gecko.models import DEFAULT, resolve_embedder
+from gecko.models import DEFAULT
 
-GECKO_DOCUMENT_PROMPT = "title: none | text: "  # what `gecko train` saves as the "document" prompt
 AS_CHOICES = ("query", "document")
 OUTPUT_SUFFIXES = (".npy", ".parquet")
-
-
-class EncodeError(ValueError):
-    """A model, input or option that `gecko encode` / `gecko serve` cannot work with."""
 
 
 @dataclass(frozen=True)
@@ -44,91 +34,29 @@ class InputFormat:
     """How a passage becomes model input: `text(passage)`, to which sentence-transformers prepends `prompt`."""
 
     prompt: str | None = None
-    gecko_document: bool = False  # title goes into Gecko's `title: {title} | text: {text}`
+    gecko_document: bool = False  # the title goes into Gecko's document format
 
     def text(self, passage: Passage) -> str:
-        return Prompts("gecko" if self.gecko_document else "none").document(passage.title, passage.text)
+        return (format_document if self.gecko_document else plain_document)(passage.text, passage.title)
 
 
-class Encoder:
-    """A sentence-transformers model for inference, batched by exact token count; always L2-normalised output."""
-
-    def __init__(self, model: str = DEFAULT, *, device: str | None = None, batch_tokens: int = 4096, max_batch: int = 128):
-        if batch_tokens < 1 or max_batch < 1:
-            raise EncodeError(f"batch_tokens and max_batch must be positive, got {batch_tokens} and {max_batch}")
-        self.spec = model
-        self.path = resolve_embedder(model)
-        if not Path(self.path).exists():
-            raise EncodeError(f"model {model}: {self.path}: no such file or directory")
-        from sentence_transformers import SentenceTransformer
-
-        try:
-            self.model = SentenceTransformer(str(self.path), device=device)
-        except (OSError, ValueError) as err:
-            raise EncodeError(f"model {model}: cannot load {self.path}: {err}") from None
-        self.model.eval()
-        self.batch_tokens = batch_tokens
-        self.max_batch = max_batch
-        self.prompts = {name: p for name, p in (self.model.prompts or {}).items() if p}  # MiniLM saves empty ones
-        tokenizer = self.model.tokenizer
-        self.max_length = self.model.max_seq_length or tokenizer.model_max_length
-        get = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
-        self.dim = int(get())
-
-    @property
-    def name(self) -> str:
-        return self.spec if self.spec == DEFAULT else Path(self.path).name
-
-    def input_format(self, as_: str | None = None, task: str | None = None) -> InputFormat:
-        """`--as query|document` picks the model's saved prompt of that name (none when it has none);
-        `--task TEXT` is a query with the Gecko prompt `task: TEXT | query: `; neither embeds texts as given."""
-        if as_ not in (None, *AS_CHOICES):
-            raise EncodeError(f"as {as_!r}: expected one of {', '.join(AS_CHOICES)}")
-        if task is not None:
-            if as_ == "document":
-                raise EncodeError("--task builds a query prompt; it cannot be combined with --as document")
-            if not task.strip():
-                raise EncodeError("--task must not be empty")
-            return InputFormat(query_prompt(task.strip()))
-        if as_ is None:
-            return InputFormat()
-        prompt = self.prompts.get(as_)
-        if as_ == "document" and prompt == GECKO_DOCUMENT_PROMPT:
-            return InputFormat(gecko_document=True)  # `title: none | text: x` for untitled passages, as the prompt gives
-        return InputFormat(prompt)
-
-    def check_dims(self, dims: int | None) -> None:
-        if dims is not None and not 1 <= dims <= self.dim:
-            raise EncodeError(f"dims {dims}: must be between 1 and the model's dimension {self.dim}")
-
-    def embed(self, texts: list[str], prompt: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Full-dimension embeddings (float32, in input order, normalised) and each text's token count."""
-        import torch
-        from sentence_transformers.util import batch_to_device
-
-        out = np.empty((len(texts), self.dim), dtype=np.float32)
-        if not texts:
-            return out, np.zeros(0, dtype=np.int64)
-        prefix = prompt or ""
-        encoded = self.model.tokenizer([prefix + t for t in texts], truncation=True, max_length=self.max_length, verbose=False)
-        tokens = np.fromiter((len(ids) for ids in encoded["input_ids"]), dtype=np.int64, count=len(texts))
-        order = np.argsort(-tokens, kind="stable")
-        start = 0
-        with torch.inference_mode():
-            while start < len(order):
-                size = min(self.max_batch, max(1, self.batch_tokens // max(1, int(tokens[order[start]]))))
-                rows = order[start : start + size]
-                features = self.model.preprocess([texts[i] for i in rows], prompt=prompt)
-                emb = self.model(batch_to_device(features, self.model.device))["sentence_embedding"]
-                out[rows] = emb.float().cpu().numpy()
-                start += size
-        return truncate(out, None), tokens
-
-    def encode(self, texts: list[str], prompt: str | None = None, dims: int | None = None) -> np.ndarray:
-        """Embeddings cut to the first `dims` coordinates (Matryoshka) and L2-normalised again."""
-        self.check_dims(dims)
-        emb, _ = self.embed(texts, prompt)
-        return truncate(emb, dims) if dims is not None else emb
+def input_format(embedder: Embedder, as_: str | None = None, task: str | None = None) -> InputFormat:
+    """`--as query|document` picks the model's saved prompt of that name (none when it has none);
+    `--task TEXT` is a query with the Gecko prompt for TEXT; neither embeds texts as given."""
+    if as_ not in (None, *AS_CHOICES):
+        raise EmbedError(f"as {as_!r}: expected one of {', '.join(AS_CHOICES)}")
+    if task is not None:
+        if as_ == "document":
+            raise EmbedError("--task builds a query prompt; it cannot be combined with --as document")
+        if not task.strip():
+            raise EmbedError("--task must not be empty")
+        return InputFormat(query_prompt(task.strip()))
+    if as_ is None:
+        return InputFormat()
+    prompt = embedder.prompts.get(as_)
+    if as_ == "document" and is_document_prompt(prompt):
+        return InputFormat(gecko_document=True)  # `title: none | text: x` for untitled passages, as the prompt gives
+    return InputFormat(prompt)
 
 
 @dataclass
@@ -157,7 +85,7 @@ class EncodeSummary:
 def encode_file(
     input,
     out,
-    encoder: Encoder | str = DEFAULT,
+    encoder: Embedder | str = DEFAULT,
     *,
     dims: int | None = None,
     as_: str | None = None,
@@ -179,15 +107,15 @@ def encode_file(
     out, input = Path(out), Path(input)
     suffix = out.suffix.lower()
     if suffix not in OUTPUT_SUFFIXES:
-        raise EncodeError(f"{out}: output must end in {' or '.join(OUTPUT_SUFFIXES)}")
+        raise EmbedError(f"{out}: output must end in {' or '.join(OUTPUT_SUFFIXES)}")
     if chunk_size < 1:
-        raise EncodeError(f"chunk_size must be positive, got {chunk_size}")
+        raise EmbedError(f"chunk_size must be positive, got {chunk_size}")
     if not input.exists():  # before the model loads
         raise CorpusError(f"{input}: no such file or directory")
-    if not isinstance(encoder, Encoder):
-        encoder = Encoder(encoder)
+    if not isinstance(encoder, Embedder):
+        encoder = Embedder(encoder, cache=False, progress=False)
     encoder.check_dims(dims)
-    fmt = encoder.input_format(as_, task)
+    fmt = input_format(encoder, as_, task)
     dim = dims or encoder.dim
     corpus = CorpusSummary(str(input))
     passages = _read_texts(input, lenient=lenient, text_field=text_field, id_field=id_field, summary=corpus)
@@ -201,7 +129,7 @@ def encode_file(
             summary.texts += len(chunk)
             bar.update(len(chunk))
         if not summary.texts:
-            raise EncodeError(f"{input}: no texts to encode")
+            raise EmbedError(f"{input}: no texts to encode")
     summary.seconds = time.perf_counter() - start
     summary.skipped = dict(corpus.skipped)
     return summary
@@ -216,7 +144,7 @@ def load_embeddings(path: str | Path) -> tuple[list[str], np.ndarray]:
     """(ids, embeddings) of an `encode_file` output, .npy with its ids file or .parquet.
 
     A .npy whose ids file is missing (a run stopped between its two renames) or names another
-    number of rows is an EncodeError: the pair is never used mismatched."""
+    number of rows is an EmbedError: the pair is never used mismatched."""
     path = Path(path)
     try:
         if path.suffix.lower() == ".parquet":
@@ -228,12 +156,12 @@ def load_embeddings(path: str | Path) -> tuple[list[str], np.ndarray]:
         emb = np.load(path, mmap_mode="r")
         ids = json.loads(ids_path(path).read_text(encoding="utf-8"))
     except FileNotFoundError as err:
-        raise EncodeError(f"{err.filename}: no such file (an encode run stopped before it finished? run it again)") from None
+        raise EmbedError(f"{err.filename}: no such file (an encode run stopped before it finished? run it again)") from None
     except (OSError, ValueError) as err:
-        raise EncodeError(f"{path}: not an encode output: {err}") from None
+        raise EmbedError(f"{path}: not an encode output: {err}") from None
     if not isinstance(ids, list) or len(ids) != emb.shape[0]:
         count = len(ids) if isinstance(ids, list) else "no list of"
-        raise EncodeError(f"{ids_path(path)}: {count} ids for the {emb.shape[0]} rows of {path}: not a pair written together")
+        raise EmbedError(f"{ids_path(path)}: {count} ids for the {emb.shape[0]} rows of {path}: not a pair written together")
     return ids, emb
 
 

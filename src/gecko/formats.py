@@ -6,7 +6,8 @@ and retrieve read (the ablated-best formats: the task goes in front of the query
 
 Symmetric tasks (STS, classification) put both sides in the query format. A trained model saves
 its prompts (`query_prompt`, `DOCUMENT_PROMPT`) in sentence-transformers' config, so
-`model.encode_query` / `encode_document` embed exactly these strings.
+`model.encode_query` / `encode_document` embed exactly these strings. `TextFormat` is how train
+writes texts, `Prompts` how eval reads them (and `gecko.encode.input_format` how encode and serve do).
 """
 
 from __future__ import annotations
@@ -54,3 +55,44 @@ class TextFormat:
 
     def document(self, text: str, title: str = "") -> str:
         return format_document(text, title) if self.prompts else plain_document(text, title)
+
+
+PROMPT_MODES = ("model", "gecko", "none")
+
+
+class Prompts:
+    """How eval turns a task's texts into model inputs, in one of three modes:
+
+    * `gecko`: the formats above for every model;
+    * `none`: the plain texts, as MTEB embeds models without instructions (the base model "as
+      MTEB scores it");
+    * `model`: as the model says to use it: the prompts saved with it (`gecko train` saves the ones
+      its card recommends) by task name, then `query` for any retrieval query; a text with no saved
+      prompt is embedded plain, so a model without prompts is scored exactly as in `none`.
+
+    A task is anything with `name`, `prompt` (its task description) and `symmetric`.
+    """
+
+    def __init__(self, mode: str | bool = "gecko", saved: dict[str, str] | None = None):
+        mode = {True: "gecko", False: "none"}[mode] if isinstance(mode, bool) else mode
+        if mode not in PROMPT_MODES:
+            raise ValueError(f"prompts must be one of {', '.join(PROMPT_MODES)}, not {mode!r}")
+        self.mode = mode
+        self.saved = dict(saved or {}) if mode == "model" else {}
+
+    def query(self, text: str, task) -> str:
+        """A query-side text of `task` (queries; both sides of symmetric tasks)."""
+        if self.mode == "gecko":
+            return format_query(text, task.prompt)
+        prefix = self.saved.get(task.name) or (None if task.symmetric else self.saved.get("query"))
+        return prefix + text if prefix else text
+
+    def document(self, title: str, text: str) -> str:
+        prefix = self.saved.get("document")
+        if self.mode == "gecko" or is_document_prompt(prefix):
+            return format_document(text, title)
+        return prefix + text if prefix else plain_document(text, title)
+
+    def describe(self, task) -> dict:
+        query = self.query("{text}", task)
+        return {"mode": self.mode, "query": query, "document": query if task.symmetric else self.document("{title}", "{text}")}

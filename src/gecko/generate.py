@@ -24,7 +24,8 @@ from tqdm import tqdm
 from gecko.corpus import Passage, load_corpus
 from gecko.journal import Journal, write_json_atomic, write_jsonl_atomic
 from gecko.llm import LLM, GenerationParams, LLMError
-from gecko.llm.usage import BudgetExceeded, usage_line
+from gecko.llm.usage import BudgetExceeded, UsageMeter, usage_line
+from gecko.options import option
 from gecko.prompts import GENERATE_PROMPTS, TASK_TYPES, few_shot_queries
 
 PREAMBLE = re.compile(
@@ -43,16 +44,17 @@ WORD = re.compile(r"[^\W_]+(?:[-'][^\W_]+)*", re.UNICODE)
 
 @dataclass(frozen=True)
 class GenerateConfig:
-    task_types: tuple[str, ...] = tuple(TASK_TYPES)
-    per_passage: int = 1
+    task_types: tuple[str, ...] = option(tuple(TASK_TYPES), "subset of the task-type catalogue (default: all)")
+    per_passage: int = option(1, "accepted queries wanted per passage")
     seed: int = 0
-    max_attempts: int = 3
-    temperature: float = 0.7
-    top_p: float = 0.95
-    max_tokens: int = 48
-    max_passage_words: int = 300
-    prompt_style: str = "completion"
-    batch_size: int = 8
+    max_attempts: int = option(3, "tries per query before giving up on it")
+    temperature: float = option(0.7, "sampling temperature (retries draw new seeds)")
+    top_p: float = option(0.95, "nucleus sampling: the most likely tokens that hold this much probability")
+    max_tokens: int = option(48, "tokens the LLM may write per answer")
+    max_passage_words: int = option(300, "passages are cut to this many words in the prompt")
+    prompt_style: str = option("completion", "few-shot completion (base models) or an instruction (chat-tuned models)",
+                               choices=tuple(GENERATE_PROMPTS))
+    batch_size: int = option(8, "passages per journal commit")
 
     def __post_init__(self):
         unknown = [t for t in self.task_types if t not in TASK_TYPES]
@@ -293,8 +295,7 @@ def run_generate(
         config = replace(config, prompt_style="chat")
     journal = Journal(out.with_name(out.name + ".journal"))
     key = config_key(config, llm)  # entries of a run with other settings are redone, not reused
-    counters = ("backend_calls", "cache_hits", "tokens_in", "tokens_out", "batch_tokens_in", "batch_tokens_out", "cost")
-    before = {name: getattr(llm, name, 0) or 0 for name in counters}
+    meter = UsageMeter(llm)
     done = {e["key"] for e in journal.entries() if e.get("config_key") == key}
     todo = [p for p in passages if p.id not in done]
     bar = tqdm(total=len(passages), initial=len(passages) - len(todo), unit="passage", disable=not progress)
@@ -325,11 +326,9 @@ def run_generate(
     summary.accepted = len(records)
     summary.task_mix.update(r["task_type"] for r in records)
     summary.mean_query_words = sum(len(words(r["query"])) for r in records) / max(len(records), 1)
-    used = {name: (getattr(llm, name, 0) or 0) - before[name] for name in counters}
-    summary.llm_calls, summary.llm_cache_hits = used["backend_calls"], used["cache_hits"]
-    summary.tokens_in = used["tokens_in"] + used["batch_tokens_in"]
-    summary.tokens_out = used["tokens_out"] + used["batch_tokens_out"]
-    summary.cost = round(used["cost"], 6) if getattr(llm, "cost", None) is not None else None
+    usage = meter.used()
+    summary.llm_calls, summary.llm_cache_hits = usage.calls, usage.cache_hits
+    summary.tokens_in, summary.tokens_out, summary.cost = usage.tokens_in, usage.tokens_out, usage.cost
     summary.prompt_style = config.prompt_style if adapted else None
     summary.wall_s = time.perf_counter() - started
     write_json_atomic(out.with_name(out.name + ".summary.json"), summary.to_dict())

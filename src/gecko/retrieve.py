@@ -1,6 +1,6 @@
 """Dense retrieval of candidate passages: an existing embedder + FAISS, in bounded memory.
 
-The corpus is encoded with `gecko.evaluate.encoder.Embedder`, whose on-disk cache is keyed by
+The corpus is encoded with `gecko.embed.Embedder`, whose on-disk cache is keyed by
 the model's identity (a hash of its files) and the exact text embedded: a rerun over the same
 corpus with the same model encodes nothing again, and an edited passage is re-encoded alone.
 Vectors are L2-normalised, so inner product = cosine.
@@ -20,13 +20,15 @@ So a 1M-passage corpus needs about 1.7 GB for retrieval with `flat`, about 0.3 G
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
 from gecko.corpus import Passage
+from gecko.embed import Embedder, truncate
 from gecko.models import DEFAULT
+from gecko.options import option
 
 INDEX_KINDS = ("flat", "ivf", "ivfpq")
 
@@ -41,22 +43,23 @@ class RetrieveConfig:
 
     `query_format` gets `{task}` and `{query}`: the paper retrieves with `t ⊕ q`. The default
     document format is MTEB's (title, space, text), the input all-MiniLM-L6-v2 was scored with;
-    a Gecko-trained model wants `title: {title} | text: {text}` and `task: {task} | query: {query}`.
+    a Gecko-trained model wants the formats of `gecko.formats`. `batch_size`: the most texts
+    embedded at once.
     """
 
-    embedder: str = DEFAULT
-    query_format: str = "{task} {query}"
-    document_format: str = "{title} {text}"
-    index: str = "flat"
-    nlist: int | None = None  # ivf / ivfpq cells; default 4·sqrt(n), at least 1
-    nprobe: int = 32
-    pq_bytes: int = 48
-    train_size: int = 100_000
-    encode_chunk: int = 65_536
-    search_chunk: int = 1_024
-    batch_size: int = 64
-    device: str | None = None
-    cache_dir: str | None = None  # embedding cache; default $GECKO_HOME/embeddings
+    embedder: str = option(DEFAULT, "retriever: sentence-transformers folder (default: packaged all-MiniLM-L6-v2)")
+    query_format: str = option("{task} {query}", "retriever input for a query (fields {task}, {query})")
+    document_format: str = option("{title} {text}", "retriever input for a passage (fields {title}, {text})")
+    index: str = option("flat", "flat: exact inner product; ivf / ivfpq: approximate", choices=INDEX_KINDS)
+    nlist: int | None = option(None, cli=False)  # ivf / ivfpq cells; default 4·sqrt(n), at least 1
+    nprobe: int = option(32, "ivf cells searched per query")
+    pq_bytes: int = option(48, cli=False)
+    train_size: int = option(100_000, cli=False)
+    encode_chunk: int = option(65_536, cli=False)
+    search_chunk: int = option(1_024, cli=False)
+    batch_size: int = option(64, cli=False)
+    device: str | None = option(None, "torch device for the embedder")
+    cache_dir: str | None = option(None, "embedding cache (default: $GECKO_HOME/embeddings)")
 
     def __post_init__(self):
         if self.index not in INDEX_KINDS:
@@ -84,22 +87,19 @@ class RetrieveTimes:
     encode_queries_s: float = 0.0
     search_s: float = 0.0
     corpus_encoded: int = 0  # passages that were not in the embedding cache
-    extra: dict = field(default_factory=dict)
 
 
 class Retriever:
     """Top-N passages for query texts; the index is built on first use."""
 
     def __init__(self, passages: Sequence[Passage], config: RetrieveConfig = RetrieveConfig(), progress: bool = True, embedder=None):
-        from gecko.evaluate.encoder import Embedder
-
         self.passages = list(passages)
         if not self.passages:
             raise RetrieveError("the corpus has no passages to retrieve from")
         self.config = config
         self.progress = progress
         self.embedder = embedder or Embedder(
-            config.embedder, device=config.device, cache_dir=config.cache_dir, batch_size=config.batch_size, progress=progress
+            config.embedder, device=config.device, cache_dir=config.cache_dir, max_batch=config.batch_size, progress=progress
         )
         self.times = RetrieveTimes()
         self._index = None
@@ -107,8 +107,6 @@ class Retriever:
     # ------------------------------------------------------------ embedding
 
     def _embed(self, texts: list[str], desc: str) -> np.ndarray:
-        from gecko.evaluate.encoder import truncate
-
         return truncate(self.embedder.embed(texts, desc=desc), None)
 
     def embed_queries(self, texts: list[str]) -> np.ndarray:
@@ -181,6 +179,3 @@ class Retriever:
             scores[lo : lo + len(part)], ids[lo : lo + len(part)] = self._index.search(part, k)
         self.times.search_s += time.perf_counter() - start
         return scores, ids
-
-    def describe(self) -> dict:
-        return {"embedder": self.embedder.describe(), "index": self.config.index, "passages": len(self.passages)}

@@ -31,25 +31,28 @@ from typing import Callable
 
 import numpy as np
 
-from gecko.evaluate.encoder import truncate
+from gecko.embed import truncate
 from gecko.models import DEFAULT
+from gecko.options import option
 
 LOOPBACK = "127.0.0.1"
 
 
 @dataclass(frozen=True)
 class ServeConfig:
-    model: str = DEFAULT
-    host: str = LOOPBACK
+    model: str = option(DEFAULT, "sentence-transformers folder or default (packaged MiniLM)")
+    host: str = option(LOOPBACK, "address to bind (default: loopback only)")
     port: int = 8000
-    corpus: str | None = None  # searched by POST /v1/search
-    api_key: str | None = None
-    max_inputs: int = 256  # per request (OpenAI allows 2048; each costs a forward pass here)
-    max_chars: int = 16_384  # per input; the model reads its first max_seq_length tokens anyway
-    max_top_k: int = 1_000
-    batch_texts: int = 1_024  # at most this many texts (from whole requests) per micro-batch
-    device: str | None = None
-    cache_dir: str | None = None  # corpus embedding cache; default $GECKO_HOME/embeddings
+    corpus: str | None = option(None, "corpus indexed at start for POST /v1/search")
+    api_key: str | None = option(None, "require 'Authorization: Bearer KEY' (prefer env GECKO_API_KEY: flags show in ps)")
+    # OpenAI allows 2048 inputs; each costs a forward pass here
+    max_inputs: int = option(256, "inputs per request (413 above)")
+    # the model reads its first max_seq_length tokens anyway
+    max_chars: int = option(16_384, "characters per input (422 above)")
+    max_top_k: int = option(1_000, "results per search query (400 above)")
+    batch_texts: int = option(1_024, "at most this many texts (from whole requests) per micro-batch")
+    device: str | None = option(None, "torch device (default: cuda when available, else cpu)")
+    cache_dir: str | None = option(None, "corpus embedding cache (default: $GECKO_HOME/embeddings)")
 
     @property
     def max_body_bytes(self) -> int:
@@ -140,29 +143,84 @@ def create_app(config: ServeConfig, encoder=None):
     """The Starlette app: loads the model (and indexes `config.corpus`) now, so /healthz answers only when ready."""
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
-    from starlette.requests import ClientDisconnect, Request
-    from starlette.responses import JSONResponse
     from starlette.routing import Route
 
-    from gecko.encode import Encoder, EncodeError
+    from gecko.embed import EmbedError, Embedder
 
     for name in ("max_inputs", "max_chars", "max_top_k", "batch_texts"):
         if getattr(config, name) < 1:
-            raise EncodeError(f"{name} must be positive, got {getattr(config, name)}")
-    encoder = encoder or Encoder(config.model, device=config.device)
-    index = _CorpusIndex(config, encoder) if config.corpus else None
-    batcher = MicroBatcher(encoder.embed, config.batch_texts)
+            raise EmbedError(f"{name} must be positive, got {getattr(config, name)}")
+    # one model for requests (embedded uncached, by encode_counted) and the corpus (through the disk cache)
+    encoder = encoder or Embedder(config.model, device=config.device, cache_dir=config.cache_dir, progress=False)
+    service = _Service(config, encoder, _CorpusIndex(config, encoder) if config.corpus else None)
+    routes = [
+        Route("/v1/embeddings", service.embeddings, methods=["POST"]),
+        Route("/v1/search", service.search, methods=["POST"]),
+        Route("/v1/models", service.models, methods=["GET"]),
+        Route("/healthz", service.healthz, methods=["GET"]),
+    ]
+    handlers = {APIError: _api_error, HTTPException: _http_error, Exception: _internal_error}
+    app = Starlette(routes=routes, exception_handlers=handlers, lifespan=service.lifespan)
+    app.state.batcher = service.batcher
+    return app
 
-    def authorize(request: Request) -> None:
-        if config.api_key is None:
+
+def _json(body: dict, status: int = 200, headers: dict | None = None):
+    from starlette.responses import JSONResponse
+
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+async def _api_error(request, err: APIError):
+    return _json(err.body(), err.status, {"WWW-Authenticate": "Bearer"} if err.status == 401 else None)
+
+
+async def _http_error(request, err):
+    code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code)
+    return await _api_error(request, APIError(err.status_code, str(err.detail), code=code))
+
+
+async def _internal_error(request, err: Exception):
+    # Starlette re-raises after answering, so the server logs the traceback; the client gets none
+    return await _api_error(request, APIError(500, "internal server error", type="server_error"))
+
+
+def _optional(data: dict, name: str, kind: type, default=None):
+    value = data.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise APIError(400, f"'{name}' must be {'an integer' if kind is int else 'a string'}", param=name)
+    return value
+
+
+class _Service:
+    """The routes: one model behind one micro-batcher, the corpus index, and `config`'s key and limits."""
+
+    def __init__(self, config: ServeConfig, encoder, index: "_CorpusIndex | None"):
+        self.config, self.encoder, self.index = config, encoder, index
+        self.batcher = MicroBatcher(encoder.encode_counted, config.batch_texts)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app):
+        self.batcher.start()
+        yield
+        await self.batcher.stop()
+
+    def authorize(self, request) -> None:
+        key = self.config.api_key
+        if key is None:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), config.api_key.encode()):
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
             raise APIError(401, "Incorrect or missing API key: send the header 'Authorization: Bearer YOUR_KEY'.",
                            code="invalid_api_key")
 
-    async def read_json(request: Request) -> dict:
-        limit = config.max_body_bytes
+    async def read_json(self, request) -> dict:
+        """The body as a JSON object, read no further than the size limit."""
+        from starlette.requests import ClientDisconnect
+
+        limit = self.config.max_body_bytes
         declared = request.headers.get("content-length", "")
         too_large = APIError(413, f"request body over {limit} bytes", code="request_too_large")
         if declared.isdigit() and int(declared) > limit:
@@ -183,8 +241,8 @@ def create_app(config: ServeConfig, encoder=None):
             raise APIError(400, "the request body must be a JSON object")
         return data
 
-    def texts_of(data: dict, name: str) -> list[str]:
-        value = data.get(name)
+    def texts_of(self, data: dict, name: str) -> list[str]:
+        value, config = data.get(name), self.config
         if value is None:
             raise APIError(400, f"'{name}' is required", param=name)
         texts = [value] if isinstance(value, str) else value
@@ -203,102 +261,61 @@ def create_app(config: ServeConfig, encoder=None):
                                param=name, code="input_too_long")
         return texts
 
-    def optional(data: dict, name: str, kind: type, default=None):
-        value = data.get(name)
-        if value is None:
-            return default
-        if not isinstance(value, kind) or isinstance(value, bool):
-            raise APIError(400, f"'{name}' must be {'an integer' if kind is int else 'a string'}", param=name)
-        return value
+    def _answer(self, data: list, tokens: np.ndarray):
+        used = int(tokens.sum())
+        return _json({"object": "list", "data": data, "model": self.encoder.name,
+                      "usage": {"prompt_tokens": used, "total_tokens": used}})
 
-    async def embeddings(request: Request) -> JSONResponse:
-        authorize(request)
-        data = await read_json(request)
-        texts = texts_of(data, "input")
-        optional(data, "model", str)
-        dims = optional(data, "dimensions", int)
-        if dims is not None and not 1 <= dims <= encoder.dim:
-            raise APIError(400, f"'dimensions' must be between 1 and {encoder.dim}", param="dimensions")
-        fmt = optional(data, "encoding_format", str, "float")
+    async def embeddings(self, request):
+        self.authorize(request)
+        data = await self.read_json(request)
+        texts = self.texts_of(data, "input")
+        _optional(data, "model", str)
+        dims = _optional(data, "dimensions", int)
+        if dims is not None and not 1 <= dims <= self.encoder.dim:
+            raise APIError(400, f"'dimensions' must be between 1 and {self.encoder.dim}", param="dimensions")
+        fmt = _optional(data, "encoding_format", str, "float")
         if fmt not in ("float", "base64"):
             raise APIError(400, "'encoding_format' must be 'float' or 'base64'", param="encoding_format")
-        emb, tokens = await batcher.submit(texts)
+        emb, tokens = await self.batcher.submit(texts)
         if dims is not None:
             emb = truncate(emb, dims)
         rows = [base64.b64encode(row.astype("<f4").tobytes()).decode("ascii") for row in emb] if fmt == "base64" else emb.tolist()
-        used = int(tokens.sum())
-        return JSONResponse({
-            "object": "list",
-            "data": [{"object": "embedding", "index": i, "embedding": row} for i, row in enumerate(rows)],
-            "model": encoder.name,
-            "usage": {"prompt_tokens": used, "total_tokens": used},
-        })
+        return self._answer([{"object": "embedding", "index": i, "embedding": row} for i, row in enumerate(rows)], tokens)
 
-    async def search(request: Request) -> JSONResponse:
-        authorize(request)
-        if index is None:
+    async def search(self, request):
+        from gecko.embed import EmbedError
+        from gecko.encode import input_format
+
+        self.authorize(request)
+        if self.index is None:
             raise APIError(404, "no corpus to search: start the server with --corpus PATH", code="no_corpus")
-        data = await read_json(request)
-        queries = texts_of(data, "query")
-        optional(data, "model", str)
-        top_k = optional(data, "top_k", int, 10)
-        if not 1 <= top_k <= config.max_top_k:
-            raise APIError(400, f"'top_k' must be between 1 and {config.max_top_k}", param="top_k")
-        task = optional(data, "task", str)
+        data = await self.read_json(request)
+        queries = self.texts_of(data, "query")
+        _optional(data, "model", str)
+        top_k = _optional(data, "top_k", int, 10)
+        if not 1 <= top_k <= self.config.max_top_k:
+            raise APIError(400, f"'top_k' must be between 1 and {self.config.max_top_k}", param="top_k")
         try:
-            prompt = encoder.input_format("query", task).prompt
-        except EncodeError as err:
+            prompt = input_format(self.encoder, "query", _optional(data, "task", str)).prompt
+        except EmbedError as err:
             raise APIError(400, str(err), param="task") from None
-        emb, tokens = await batcher.submit(queries, prompt)
-        scores, rows = await asyncio.to_thread(index.search, emb, top_k)
-        used = int(tokens.sum())
-        return JSONResponse({
-            "object": "list",
-            "data": [
-                {"object": "search_result", "index": i,
-                 "results": [{"id": index.ids[r], "score": float(s)} for r, s in zip(row_ids, row_scores) if r >= 0]}
-                for i, (row_ids, row_scores) in enumerate(zip(rows, scores))
-            ],
-            "model": encoder.name,
-            "usage": {"prompt_tokens": used, "total_tokens": used},
-        })
+        emb, tokens = await self.batcher.submit(queries, prompt)
+        scores, rows = await asyncio.to_thread(self.index.search, emb, top_k)
+        ids = self.index.ids
+        return self._answer([
+            {"object": "search_result", "index": i,
+             "results": [{"id": ids[r], "score": float(s)} for r, s in zip(row_ids, row_scores) if r >= 0]}
+            for i, (row_ids, row_scores) in enumerate(zip(rows, scores))
+        ], tokens)
 
-    async def models(request: Request) -> JSONResponse:
-        authorize(request)
-        return JSONResponse({"object": "list", "data": [{"id": encoder.name, "object": "model", "created": 0, "owned_by": "gecko"}]})
+    async def models(self, request):
+        self.authorize(request)
+        return _json({"object": "list", "data": [{"id": self.encoder.name, "object": "model", "created": 0, "owned_by": "gecko"}]})
 
-    async def healthz(request: Request) -> JSONResponse:
-        return JSONResponse({"status": "ok", "model": encoder.name, "dim": encoder.dim,
-                             "corpus": len(index.ids) if index else None, "batching": batcher.stats})
-
-    async def api_error(request: Request, err: APIError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
-        return JSONResponse(err.body(), status_code=err.status, headers=headers)
-
-    async def http_error(request: Request, err: HTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code)
-        return await api_error(request, APIError(err.status_code, str(err.detail), code=code))
-
-    async def internal_error(request: Request, err: Exception) -> JSONResponse:
-        # Starlette re-raises after answering, so the server logs the traceback; the client gets none
-        return await api_error(request, APIError(500, "internal server error", type="server_error"))
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app):
-        batcher.start()
-        yield
-        await batcher.stop()
-
-    routes = [
-        Route("/v1/embeddings", embeddings, methods=["POST"]),
-        Route("/v1/search", search, methods=["POST"]),
-        Route("/v1/models", models, methods=["GET"]),
-        Route("/healthz", healthz, methods=["GET"]),
-    ]
-    handlers = {APIError: api_error, HTTPException: http_error, Exception: internal_error}
-    app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)
-    app.state.batcher = batcher
-    return app
+    async def healthz(self, request):
+        return _json({"status": "ok", "model": self.encoder.name, "dim": self.encoder.dim,
+                      "corpus": len(self.index.ids) if self.index else None, "batching": self.batcher.stats})
 
 
 class _CorpusIndex:
@@ -306,19 +323,18 @@ class _CorpusIndex:
 
     def __init__(self, config: ServeConfig, encoder):
         from gecko.corpus import Passage, load_corpus
-        from gecko.encode import EncodeError
+        from gecko.embed import EmbedError
+        from gecko.encode import input_format
         from gecko.retrieve import RetrieveConfig, Retriever
 
         passages, summary = load_corpus(config.corpus)
         if not passages:
             skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(summary.skipped.items())) or "none"
-            raise EncodeError(f"{config.corpus}: no passages to search (skipped: {skipped})")
-        fmt = encoder.input_format("document")
+            raise EmbedError(f"{config.corpus}: no passages to search (skipped: {skipped})")
+        fmt = input_format(encoder, "document")
         # the retriever embeds `{text}` as is, so each passage carries its full model input
         inputs = [Passage(p.id, p.doc_id, "", (fmt.prompt or "") + fmt.text(p)) for p in passages]
-        retrieve = RetrieveConfig(embedder=str(encoder.path), document_format="{text}", device=config.device,
-                                  cache_dir=config.cache_dir)
-        self.retriever = Retriever(inputs, retrieve, progress=False)
+        self.retriever = Retriever(inputs, RetrieveConfig(document_format="{text}"), progress=False, embedder=encoder)
         self.retriever.build()
         self.ids = [p.id for p in passages]
 

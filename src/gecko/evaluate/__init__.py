@@ -6,14 +6,14 @@
     results.write("runs/eval")          # results.json, results.md, score_vs_dim.png, mteb/dim*/...
     print(results.table())
 
-Tasks: `RetrievalTask`, `STSTask`, `ClassificationTask` (declarative dataclasses); `KNOWN_TASKS`
+Tasks: `RetrievalTask`, `STSTask`, `ClassificationTask` (declarative dataclasses, each type bringing
+its loading and scoring); `KNOWN_TASKS`
 maps scifact, stsb, sts12..sts16 and banking77 to their type, split, MTEB name and prompt, and any
 other `NAME=PATH` is typed by sniffing its folder (or `NAME:TYPE=PATH`).
 """
 
-from gecko.evaluate.core import BACKENDS, Results, TaskScores, evaluate, load_baseline
-from gecko.evaluate.encoder import Embedder, Prompts, model_identity, truncate
-from gecko.evaluate.report import load_results, markdown_table, write_report
+from gecko.evaluate.core import BACKENDS, evaluate, load_baseline
+from gecko.evaluate.report import Results, TaskScores, load_results, markdown_table, write_report
 from gecko.evaluate.tasks import (
     KNOWN_TASKS,
     TASK_TYPES,
@@ -32,9 +32,7 @@ __all__ = [
     "KNOWN_TASKS",
     "TASK_TYPES",
     "ClassificationTask",
-    "Embedder",
     "EvalError",
-    "Prompts",
     "Results",
     "RetrievalTask",
     "STSTask",
@@ -45,9 +43,7 @@ __all__ = [
     "load_results",
     "load_task_data",
     "markdown_table",
-    "model_identity",
     "parse_task_spec",
     "resolve_task",
-    "truncate",
     "write_report",
 ]

@@ -14,15 +14,15 @@ from __future__ import annotations
 import functools
 import logging
 import warnings
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from gecko.evaluate.encoder import Prompts, truncate
-from gecko.evaluate.tasks import ClassificationTask, RetrievalTask, STSTask, Task
+from gecko.embed import truncate
+from gecko.formats import Prompts
 
-# a generic MTEB task of each type, whose class and metadata an unnamed local dataset borrows
-_GENERIC = {"retrieval": "SciFact", "sts": "STSBenchmark", "classification": "Banking77Classification"}
+if TYPE_CHECKING:  # tasks imports this module to read mteb's task table
+    from gecko.evaluate.tasks import Task
 
 
 def available() -> bool:
@@ -31,15 +31,6 @@ def available() -> bool:
     except ImportError:
         return False
     return True
-
-
-def version() -> str | None:
-    try:
-        from importlib.metadata import version as _version
-
-        return _version("mteb")
-    except Exception:  # noqa: BLE001 -- not installed
-        return None
 
 
 @functools.lru_cache(maxsize=1)
@@ -62,49 +53,16 @@ def _task_class(mteb_name: str):
 
 def local_task(task: Task, data):
     """An instance of the MTEB task class for `task` whose data is `data` (from `load_task_data`)."""
-    from datasets import Dataset, DatasetDict
-
-    base = _task_class(task.mteb_name or _GENERIC[task.type])
+    base = _task_class(task.mteb_name or task.mteb_generic)
     metadata = base.metadata
     if task.mteb_name is None:
         metadata = metadata.model_copy(update={"name": f"gecko-{task.name}", "eval_splits": [task.split]})
 
     def load_data(self, num_proc=None, **kwargs):
-        if isinstance(task, RetrievalTask):
-            corpus = Dataset.from_dict(
-                {"id": [p.id for p in data.corpus], "title": [p.title for p in data.corpus], "text": [p.text for p in data.corpus]}
-            )
-            queries = Dataset.from_dict({"id": list(data.queries), "text": list(data.queries.values())})
-            self.dataset = {
-                "default": {
-                    task.split: {"corpus": corpus, "queries": queries, "relevant_docs": data.qrels, "top_ranked": None}
-                }
-            }
-        elif isinstance(task, STSTask):
-            self.dataset = DatasetDict(
-                {task.split: Dataset.from_dict({"sentence1": data.sentence1, "sentence2": data.sentence2, "score": data.scores})}
-            )
-        else:
-            self.dataset = DatasetDict(
-                {
-                    task.train_split: Dataset.from_dict({"text": data.train_texts, "label": data.train_labels}),
-                    task.split: Dataset.from_dict({"text": data.test_texts, "label": data.test_labels}),
-                }
-            )
+        self.dataset = task.mteb_dataset(data)
         self.data_loaded = True
 
-    attrs: dict[str, Any] = {"metadata": metadata, "load_data": load_data, "__module__": __name__}
-    if isinstance(task, ClassificationTask):
-        from sklearn.linear_model import LogisticRegression
-
-        attrs.update(
-            n_experiments=task.n_experiments,
-            samples_per_label=task.samples_per_label,
-            train_split=task.train_split,
-            evaluator_model=LogisticRegression(max_iter=task.max_iter),
-        )
-    if isinstance(task, RetrievalTask):
-        attrs.update(k_values=tuple(task.k_values), ignore_identical_ids=data.ignore_identical_ids)
+    attrs: dict[str, Any] = {"metadata": metadata, "load_data": load_data, "__module__": __name__, **task.mteb_attrs(data)}
     cls = type(f"Local{base.__name__}", (base,), attrs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -1,4 +1,4 @@
-"""What a run leaves in its output folder, and baselines to compare it with.
+"""A run's results (`Results`, one `TaskScores` per task) and what it leaves in its output folder.
 
 `write_report(results, out, baseline)` writes, each atomically (temp file + os.replace):
 * `results.json`: model, dims, prompts, backend, versions and per task the split, main metric,
@@ -11,9 +11,9 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from gecko.evaluate.core import Results, TaskScores
 from gecko.evaluate.tasks import EvalError
 from gecko.journal import save_figure_atomic, write_text_atomic
 
@@ -22,6 +22,108 @@ PROMPT_WORDS = {
     "gecko": "the Gecko formats for every text (task: … | query: …, title: … | text: …)",
     "none": "off (plain texts, MTEB style)",
 }
+
+
+@dataclass
+class TaskScores:
+    """One task's scores: `scores[dim]` is a flat MTEB score dict (0-1 scale, `main_score` included)."""
+
+    task: str
+    type: str
+    split: str
+    path: str
+    main_metric: str
+    mteb_task: str | None
+    prompts: dict
+    sizes: dict
+    scores: dict[int, dict] = field(default_factory=dict)
+    evaluation_time: float = 0.0
+    protocol: dict = field(default_factory=dict)  # retrieval: identical ids and absent qrels, as `RetrievalData.protocol`
+
+    def main_score(self, dim: int) -> float | None:
+        entry = self.scores.get(dim)
+        return None if entry is None else entry.get("main_score")
+
+    def to_dict(self) -> dict:
+        return {
+            "task": self.task,
+            "type": self.type,
+            "split": self.split,
+            "path": self.path,
+            "main_metric": self.main_metric,
+            "mteb_task": self.mteb_task,
+            "prompts": self.prompts,
+            "sizes": self.sizes,
+            **({"protocol": self.protocol} if self.protocol else {}),
+            "evaluation_time": round(self.evaluation_time, 3),
+            "main_score": {str(d): s.get("main_score") for d, s in self.scores.items()},
+            "scores": {str(d): s for d, s in self.scores.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TaskScores":
+        return cls(
+            task=data["task"],
+            type=data.get("type", ""),
+            split=data.get("split", "test"),
+            path=data.get("path", ""),
+            main_metric=data.get("main_metric", "main_score"),
+            mteb_task=data.get("mteb_task"),
+            prompts=data.get("prompts", {}),
+            sizes=data.get("sizes", {}),
+            scores={int(d): s for d, s in data.get("scores", {}).items()},
+            evaluation_time=data.get("evaluation_time", 0.0),
+            protocol=data.get("protocol", {}),
+        )
+
+
+@dataclass
+class Results:
+    """A run: the model, the dims, how it was scored, and each task's scores."""
+
+    model: dict
+    dims: list[int]
+    prompts: str  # the `gecko.formats.Prompts` mode: model | gecko | none
+    backend: str
+    versions: dict
+    tasks: list[TaskScores]
+    created: str = ""
+    mteb_results: dict = field(default_factory=dict, repr=False)  # (task, dim) -> mteb TaskResult, when scored by mteb
+
+    def task(self, name: str) -> TaskScores | None:
+        return next((t for t in self.tasks if t.task == name), None)
+
+    def to_dict(self) -> dict:
+        return {
+            "format": "gecko-eval/1",
+            "created": self.created,
+            "model": self.model,
+            "dims": self.dims,
+            "prompts": self.prompts,
+            "backend": self.backend,
+            "versions": self.versions,
+            "tasks": [t.to_dict() for t in self.tasks],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Results":
+        if "tasks" not in data or "dims" not in data:
+            raise EvalError("not a gecko eval results file (no 'tasks' and 'dims')")
+        return cls(
+            model=data.get("model", {}),
+            dims=[int(d) for d in data["dims"]],
+            prompts={True: "gecko", False: "none"}.get(data.get("prompts", True), data.get("prompts")),
+            backend=data.get("backend", ""),
+            versions=data.get("versions", {}),
+            tasks=[TaskScores.from_dict(t) for t in data["tasks"]],
+            created=data.get("created", ""),
+        )
+
+    def table(self, baseline: "Results | None" = None) -> str:
+        return markdown_table(self, baseline)
+
+    def write(self, out_dir, baseline: "Results | None" = None) -> dict[str, Path]:
+        return write_report(self, out_dir, baseline)
 
 
 def load_results(path) -> Results:

@@ -1,7 +1,9 @@
-"""Evaluation tasks: declarative descriptions of local datasets, and their loaders.
+"""Evaluation tasks: declarative descriptions of local datasets, each type bringing its behaviour.
 
 A task is a small frozen dataclass (name, path, split, prompt, ...) whose class fixes the task
-type and main metric, in the style of MTEB's task classes:
+type, main metric and behaviour, in the style of MTEB's task classes: `load()` reads and validates
+its data, `score()` scores it with the built-in metrics, `mteb_dataset()` / `mteb_attrs()` hand it
+to mteb's own task class. A new task type is one class here.
 
 * `RetrievalTask`: a BEIR folder (corpus.jsonl[.gz], queries.jsonl[.gz], qrels.{split}.tsv or
   qrels/{split}.tsv); main score nDCG@10. Scored as BEIR / MTEB score it: a query's own document
@@ -31,6 +33,8 @@ from pathlib import Path
 from typing import ClassVar
 
 from gecko.corpus import CorpusError, Passage, load_beir
+from gecko.embed import truncate
+from gecko.evaluate import metrics
 
 
 class EvalError(ValueError):
@@ -39,11 +43,12 @@ class EvalError(ValueError):
 
 @dataclass(frozen=True)
 class Task:
-    """What to evaluate: `name` labels it in reports; `prompt` is the Gecko task description.
+    """What to evaluate: `name` labels it in reports; `prompt` is the Gecko task description
+    (`gecko.formats`; symmetric tasks put both sides in the query format).
 
-    With prompts on, a query-side text is embedded as `task: {prompt} | query: {text}` and a
-    document as `title: {title} | text: {text}` (the Gecko paper's formats); symmetric tasks (STS,
-    classification) use the query format on both sides.
+    Each type defines `load()` (its data, validated) and `score(data, embed, prompts, dims)`:
+    {dim: flat score dict} from `embed(texts, desc)`, the full-dimension embeddings, truncated to
+    each Matryoshka dim; and `mteb_dataset(data)` for mteb.
     """
 
     name: str
@@ -54,30 +59,63 @@ class Task:
 
     type: ClassVar[str] = ""
     main_metric: ClassVar[str] = ""
+    symmetric: ClassVar[bool] = True  # both sides are queries (no documents)
+    mteb_generic: ClassVar[str] = ""  # the MTEB task whose class and metadata an unnamed dataset borrows
 
     def __post_init__(self):
         object.__setattr__(self, "path", Path(self.path))
 
-    def describe(self) -> dict:
-        return {
-            "task": self.name,
-            "type": self.type,
-            "path": str(self.path),
-            "split": self.split,
-            "main_metric": self.main_metric,
-            "mteb_task": self.mteb_name,
-        }
+    def mteb_attrs(self, data) -> dict:
+        """Class attributes of the local copy of mteb's task."""
+        return {}
 
 
 @dataclass(frozen=True)
 class RetrievalTask(Task):
     type: ClassVar[str] = "retrieval"
     main_metric: ClassVar[str] = "ndcg_at_10"
+    symmetric: ClassVar[bool] = False
+    mteb_generic: ClassVar[str] = "SciFact"
     k_values: tuple[int, ...] = (1, 3, 5, 10, 20, 100, 1000)  # MTEB's
     # leave a query's own document (same id) out of its ranking; None: decide from the name and data
     ignore_identical_ids: bool | None = None
     # refuse qrels that name a document the corpus lacks (default: score them as pytrec_eval does)
     strict: bool = False
+
+    def load(self) -> "RetrievalData":
+        """The judged queries of a BEIR folder, its corpus and qrels; qrels naming a document the
+        corpus lacks are kept (as BEIR and mteb keep them) unless `strict`."""
+        data = load_beir(self.path, self.split, strict=self.strict)
+        if not data.qrels:
+            raise EvalError(f"task {self.name}: {self.path}: qrels for split {self.split!r} judge no query")
+        doc_ids = {p.doc_id for p in data.corpus}
+        in_corpus = sum(1 for qid in data.qrels if qid in doc_ids)
+        ignore, rule = identical_ids_rule(self, in_corpus)
+        return RetrievalData(data.corpus, data.queries, data.qrels, ignore, rule, in_corpus, data.qrels_file, data.absent)
+
+    def score(self, data, embed, prompts, dims):
+        qids = list(data.queries)
+        q = embed([prompts.query(data.queries[i], self) for i in qids], f"{self.name} queries")
+        d = embed([prompts.document(p.title, p.text) for p in data.corpus], f"{self.name} documents")
+        doc_ids = [p.id for p in data.corpus]
+        return {
+            dim: metrics.retrieval_scores(
+                qids, truncate(q, dim), doc_ids, truncate(d, dim), data.qrels, self.k_values, data.ignore_identical_ids
+            )
+            for dim in dims
+        }
+
+    def mteb_dataset(self, data):
+        from datasets import Dataset
+
+        corpus = Dataset.from_dict(
+            {"id": [p.id for p in data.corpus], "title": [p.title for p in data.corpus], "text": [p.text for p in data.corpus]}
+        )
+        queries = Dataset.from_dict({"id": list(data.queries), "text": list(data.queries.values())})
+        return {"default": {self.split: {"corpus": corpus, "queries": queries, "relevant_docs": data.qrels, "top_ranked": None}}}
+
+    def mteb_attrs(self, data):
+        return {"k_values": tuple(self.k_values), "ignore_identical_ids": data.ignore_identical_ids}
 
 
 @dataclass(frozen=True)
@@ -85,6 +123,40 @@ class STSTask(Task):
     prompt: str = "sentence similarity"
     type: ClassVar[str] = "sts"
     main_metric: ClassVar[str] = "cosine_spearman"
+    mteb_generic: ClassVar[str] = "STSBenchmark"
+
+    def load(self) -> "STSData":
+        path = _require(self.path / f"{self.split}.tsv", self)
+        rows = _read_table(path, "\t", self)
+        header = rows[0][1]
+        missing = [c for c in ("sentence1", "sentence2", "score") if c not in header]
+        if missing:
+            raise EvalError(f"task {self.name}: {path}:1: missing column(s) {', '.join(missing)}; header is {header}")
+        i1, i2, iscore = (header.index(c) for c in ("sentence1", "sentence2", "score"))
+        data = STSData([], [], [])
+        for lineno, row in rows[1:]:
+            if len(row) != len(header):
+                raise EvalError(f"task {self.name}: {path}:{lineno}: expected {len(header)} tab-separated fields, got {len(row)}")
+            try:
+                score = float(row[iscore])
+            except ValueError:
+                raise EvalError(f"task {self.name}: {path}:{lineno}: score {row[iscore]!r} is not a number") from None
+            data.sentence1.append(row[i1])
+            data.sentence2.append(row[i2])
+            data.scores.append(score)
+        if len(data.scores) < 2:
+            raise EvalError(f"task {self.name}: {path}: needs at least 2 scored pairs, found {len(data.scores)}")
+        return data
+
+    def score(self, data, embed, prompts, dims):
+        e1 = embed([prompts.query(t, self) for t in data.sentence1], f"{self.name} texts")
+        e2 = embed([prompts.query(t, self) for t in data.sentence2], f"{self.name} texts")
+        return {dim: metrics.sts_scores(truncate(e1, dim), truncate(e2, dim), data.scores) for dim in dims}
+
+    def mteb_dataset(self, data):
+        from datasets import Dataset, DatasetDict
+
+        return DatasetDict({self.split: Dataset.from_dict({"sentence1": data.sentence1, "sentence2": data.sentence2, "score": data.scores})})
 
 
 @dataclass(frozen=True)
@@ -99,6 +171,58 @@ class ClassificationTask(Task):
     seed: int = 42
     type: ClassVar[str] = "classification"
     main_metric: ClassVar[str] = "accuracy"
+    mteb_generic: ClassVar[str] = "Banking77Classification"
+
+    def load(self) -> "ClassificationData":
+        train = _labelled(_require(self.path / f"{self.train_split}.csv", self), self)
+        test = _labelled(_require(self.path / f"{self.split}.csv", self), self)
+        names = _label_order(self.path, [label for _, label in train], self)
+        index = {label: i for i, label in enumerate(names)}
+        unseen = sorted({label for _, label in test} - set(index))
+        if unseen:
+            raise EvalError(
+                f"task {self.name}: {self.path / (self.split + '.csv')}: label(s) {unseen[:5]} never occur in {self.train_split}.csv"
+            )
+        if len(names) < 2:
+            raise EvalError(f"task {self.name}: {self.path / (self.train_split + '.csv')}: needs at least 2 labels, found {len(names)}")
+        return ClassificationData(
+            [t for t, _ in train], [index[l] for _, l in train], [t for t, _ in test], [index[l] for _, l in test], names
+        )
+
+    def score(self, data, embed, prompts, dims):
+        draws = metrics.undersample(data.train_labels, self.n_experiments, self.samples_per_label, self.seed)
+        union = sorted(set().union(*draws))
+        train_full = embed([prompts.query(data.train_texts[i], self) for i in union], f"{self.name} train")
+        row = {j: p for p, j in enumerate(union)}
+        test_full = embed([prompts.query(t, self) for t in data.test_texts], f"{self.name} test")
+        out = {}
+        for dim in dims:
+            train_dim = truncate(train_full, dim)
+            out[dim] = metrics.classification_scores(
+                lambda idx, m=train_dim: m[[row[j] for j in idx]],
+                data.train_labels,
+                truncate(test_full, dim),
+                data.test_labels,
+                n_experiments=self.n_experiments,
+                samples_per_label=self.samples_per_label,
+                max_iter=self.max_iter,
+                seed=self.seed,
+            )
+        return out
+
+    def mteb_dataset(self, data):
+        from datasets import Dataset, DatasetDict
+
+        return DatasetDict({
+            self.train_split: Dataset.from_dict({"text": data.train_texts, "label": data.train_labels}),
+            self.split: Dataset.from_dict({"text": data.test_texts, "label": data.test_labels}),
+        })
+
+    def mteb_attrs(self, data):
+        from sklearn.linear_model import LogisticRegression
+
+        return {"n_experiments": self.n_experiments, "samples_per_label": self.samples_per_label,
+                "train_split": self.train_split, "evaluator_model": LogisticRegression(max_iter=self.max_iter)}
 
 
 TASK_TYPES: dict[str, type[Task]] = {cls.type: cls for cls in (RetrievalTask, STSTask, ClassificationTask)}
@@ -112,7 +236,7 @@ class KnownTask:
     split: str = "test"
 
 
-# Task descriptions as in the Gecko paper's formats (`task: {description} | query: ...`).
+# Task descriptions: the `{task}` of the Gecko query format (`gecko.formats`).
 KNOWN_TASKS: dict[str, KnownTask] = {
     "scifact": KnownTask(RetrievalTask, "SciFact", "fact checking"),
     "stsb": KnownTask(STSTask, "STSBenchmark", "sentence similarity"),
@@ -222,8 +346,18 @@ def _header(path: Path, delimiter: str) -> list[str]:
 # ---------------------------------------------------------------- loaded data
 
 
+class TaskData:
+    """What `Task.load` returns; `notes` and `protocol` say how a retrieval task departs from plain BEIR."""
+
+    def notes(self, name: str) -> list[str]:
+        return []
+
+    def protocol(self) -> dict:
+        return {}
+
+
 @dataclass
-class RetrievalData:
+class RetrievalData(TaskData):
     corpus: list[Passage]
     queries: dict[str, str]
     qrels: dict[str, dict[str, int]]
@@ -232,6 +366,9 @@ class RetrievalData:
     query_ids_in_corpus: int = 0  # judged queries whose id is also a document id
     qrels_file: str = ""
     absent: list[tuple[str, str]] = field(default_factory=list)  # (file:line, id) of qrels naming no corpus document
+
+    def sizes(self) -> dict:
+        return {"documents": len(self.corpus), "queries": len(self.queries), "qrels": sum(len(v) for v in self.qrels.values())}
 
     def protocol(self) -> dict:
         """How the ranking was scored, for results files."""
@@ -263,45 +400,33 @@ class RetrievalData:
 
 
 @dataclass
-class STSData:
+class STSData(TaskData):
     sentence1: list[str]
     sentence2: list[str]
     scores: list[float]
 
+    def sizes(self) -> dict:
+        return {"pairs": len(self.scores)}
+
 
 @dataclass
-class ClassificationData:
+class ClassificationData(TaskData):
     train_texts: list[str]
     train_labels: list[int]
     test_texts: list[str]
     test_labels: list[int]
     label_names: list[str] = field(default_factory=list)
 
+    def sizes(self) -> dict:
+        return {"train": len(self.train_texts), "test": len(self.test_texts), "labels": len(self.label_names)}
+
 
 def load_task_data(task: Task):
     """The task's data, fully validated before anything is embedded."""
     try:
-        if isinstance(task, RetrievalTask):
-            return _load_retrieval(task)
-        if isinstance(task, STSTask):
-            return _load_sts(task)
-        if isinstance(task, ClassificationTask):
-            return _load_classification(task)
+        return task.load()
     except CorpusError as err:
         raise EvalError(f"task {task.name}: {err}") from None
-    raise EvalError(f"task {task.name}: unknown task type {type(task).__name__}")
-
-
-def _load_retrieval(task: RetrievalTask) -> RetrievalData:
-    """The judged queries of a BEIR folder, its corpus and qrels; qrels naming a document the
-    corpus lacks are kept (as BEIR and mteb keep them) unless `strict`."""
-    data = load_beir(task.path, task.split, strict=task.strict)
-    if not data.qrels:
-        raise EvalError(f"task {task.name}: {task.path}: qrels for split {task.split!r} judge no query")
-    doc_ids = {p.doc_id for p in data.corpus}
-    in_corpus = sum(1 for qid in data.qrels if qid in doc_ids)
-    ignore, rule = identical_ids_rule(task, in_corpus)
-    return RetrievalData(data.corpus, data.queries, data.qrels, ignore, rule, in_corpus, data.qrels_file, data.absent)
 
 
 def identical_ids_rule(task: RetrievalTask, query_ids_in_corpus: int) -> tuple[bool, str]:
@@ -321,47 +446,6 @@ def _require(path: Path, task: Task) -> Path:
     if not path.is_file():
         raise EvalError(f"task {task.name}: {path}: no such file")
     return path
-
-
-def _load_sts(task: STSTask) -> STSData:
-    path = _require(task.path / f"{task.split}.tsv", task)
-    rows = _read_table(path, "\t", task)
-    header = rows[0][1]
-    missing = [c for c in ("sentence1", "sentence2", "score") if c not in header]
-    if missing:
-        raise EvalError(f"task {task.name}: {path}:1: missing column(s) {', '.join(missing)}; header is {header}")
-    i1, i2, iscore = (header.index(c) for c in ("sentence1", "sentence2", "score"))
-    data = STSData([], [], [])
-    for lineno, row in rows[1:]:
-        if len(row) != len(header):
-            raise EvalError(f"task {task.name}: {path}:{lineno}: expected {len(header)} tab-separated fields, got {len(row)}")
-        try:
-            score = float(row[iscore])
-        except ValueError:
-            raise EvalError(f"task {task.name}: {path}:{lineno}: score {row[iscore]!r} is not a number") from None
-        data.sentence1.append(row[i1])
-        data.sentence2.append(row[i2])
-        data.scores.append(score)
-    if len(data.scores) < 2:
-        raise EvalError(f"task {task.name}: {path}: needs at least 2 scored pairs, found {len(data.scores)}")
-    return data
-
-
-def _load_classification(task: ClassificationTask) -> ClassificationData:
-    train = _labelled(_require(task.path / f"{task.train_split}.csv", task), task)
-    test = _labelled(_require(task.path / f"{task.split}.csv", task), task)
-    names = _label_order(task.path, [label for _, label in train], task)
-    index = {label: i for i, label in enumerate(names)}
-    unseen = sorted({label for _, label in test} - set(index))
-    if unseen:
-        raise EvalError(
-            f"task {task.name}: {task.path / (task.split + '.csv')}: label(s) {unseen[:5]} never occur in {task.train_split}.csv"
-        )
-    if len(names) < 2:
-        raise EvalError(f"task {task.name}: {task.path / (task.train_split + '.csv')}: needs at least 2 labels, found {len(names)}")
-    return ClassificationData(
-        [t for t, _ in train], [index[l] for _, l in train], [t for t, _ in test], [index[l] for _, l in test], names
-    )
 
 
 def _labelled(path: Path, task: Task) -> list[tuple[str, str]]:

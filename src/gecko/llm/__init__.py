@@ -1,12 +1,14 @@
 """LLM backends behind one protocol, chosen by a spec string.
 
-Specs: `default` (packaged Gemma 3 270M on the engine this machine runs fastest),
-`llamacpp:PATH.gguf|default`, `openai:http://host:port/v1#model`, `transformers:DIR|FILE.gguf|default`.
+Specs (`LLMSpec`): `default` (packaged Gemma 3 270M on the engine this machine runs fastest),
+`llamacpp:PATH.gguf|default`, `openai:http://host:port/v1#model` (`gecko.scale` takes several
+comma-separated URLs), `transformers:DIR|FILE.gguf|default`.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from gecko.llm.base import LLM, ContinuationScore, GenerationParams, LabelScores, LLMError
@@ -25,6 +27,7 @@ __all__ = [
     "LabelScores",
     "LLMCache",
     "LLMError",
+    "LLMSpec",
     "BudgetExceeded",
     "Price",
     "load_llm",
@@ -35,8 +38,9 @@ __all__ = [
 def open_backend(spec: str = DEFAULT, **options) -> LLM:
     """The raw backend named by `spec`, without the cache. `default` runs on the engine this
     machine runs fastest (gecko.llm.engine), said once on stderr."""
-    kind, target = parse_spec(spec)
-    if spec == DEFAULT:
+    parsed = LLMSpec.parse(spec)
+    kind = parsed.kind
+    if kind == DEFAULT:
         from gecko.llm.engine import announce, choose_engine
 
         choice = choose_engine(options.get("n_threads"))
@@ -47,28 +51,42 @@ def open_backend(spec: str = DEFAULT, **options) -> LLM:
     if kind == "llamacpp":
         from gecko.llm.llamacpp import LlamaCppLLM
 
-        return LlamaCppLLM(target or DEFAULT, **options)
+        return LlamaCppLLM(parsed.target or DEFAULT, **options)
     if kind == "openai":
         from gecko.llm.openai import OpenAILLM
 
-        base_url, _, model = target.partition("#")
         try:
-            return OpenAILLM(base_url, model or None, **options)
+            return OpenAILLM(parsed.target, parsed.model or None, **options)
         except (TypeError, ValueError) as err:  # an unknown or bad llm option
             raise LLMError(f"llm options for {spec}: {err}") from None
     from gecko.llm.hf import TransformersLLM
 
-    return TransformersLLM(target or DEFAULT, **options)
+    return TransformersLLM(parsed.target or DEFAULT, **options)
 
 
-def parse_spec(spec: str) -> tuple[str, str]:
-    """(kind, target) of an LLM spec; an unknown kind is an LLMError naming the accepted ones."""
-    if spec == DEFAULT:
-        return DEFAULT, DEFAULT
-    kind, _, target = spec.partition(":")
-    if kind not in SPEC_KINDS:
-        raise LLMError(f"unknown LLM spec {spec!r}: expected {SPEC_HELP}")
-    return kind, target
+@dataclass(frozen=True)
+class LLMSpec:
+    """A parsed `--llm` spec: `kind` (default, llamacpp, openai, transformers), `target` (a model
+    path or `default`; openai's server URL, or URLs comma-separated) and `model` (openai's `#MODEL`)."""
+
+    kind: str
+    target: str = DEFAULT
+    model: str = ""
+
+    @classmethod
+    def parse(cls, spec: str) -> "LLMSpec":
+        """An unknown kind is an LLMError naming the accepted ones."""
+        if spec == DEFAULT:
+            return cls(DEFAULT)
+        kind, _, target = spec.partition(":")
+        if kind not in SPEC_KINDS:
+            raise LLMError(f"unknown LLM spec {spec!r}: expected {SPEC_HELP}")
+        target, _, model = target.partition("#") if kind == "openai" else (target, "", "")
+        return cls(kind, target, model)
+
+    @property
+    def urls(self) -> list[str]:
+        return [url.strip() for url in self.target.split(",") if url.strip()]
 
 
 def load_llm(spec: str = DEFAULT, cache: str | Path | None = None, use_cache: bool = True, *,

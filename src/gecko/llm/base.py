@@ -3,8 +3,21 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Protocol, Sequence, runtime_checkable
+
+
+def free_cores() -> int:
+    """Cores not busy right now: llama.cpp with more threads than free cores runs ~50x slower."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    busy = int(os.getloadavg()[0] + 0.5) if hasattr(os, "getloadavg") else 0
+    return max(1, cores - busy)
+
+
+def llm_threads(threads: int | None = None) -> int:
+    """The threads a local LLM runs on: as asked, else GECKO_LLM_THREADS, else the free cores."""
+    return threads or int(os.environ.get("GECKO_LLM_THREADS", 0)) or free_cores()
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from gecko.journal import write_text_atomic
+from gecko.llm.base import llm_threads
 from gecko.models import gecko_home
 
 BACKENDS = ("llamacpp", "transformers")
@@ -91,11 +92,10 @@ def _calibrated(threads: int) -> EngineChoice:
         saved = json.loads(path.read_text())
     except (OSError, ValueError):
         saved = {}  # none yet, or torn: measure again
-    saved = saved if isinstance(saved, dict) else {}
-    try:
+    fields = set(EngineChoice.__dataclass_fields__)  # entries of another shape (older versions) are dropped
+    saved = {k: v for k, v in saved.items() if isinstance(v, dict) and v.keys() == fields} if isinstance(saved, dict) else {}
+    if key in saved:
         return EngineChoice(**saved[key])
-    except (KeyError, TypeError):
-        pass
     f32, bf16 = measure_bf16_speedup(threads)
     speedup = bf16 / f32
     measured = f"bf16 matmul {speedup:.1f}x float32 on {threads} thread(s), {bf16:.0f} vs {f32:.0f} GFLOP/s"
@@ -105,12 +105,6 @@ def _calibrated(threads: int) -> EngineChoice:
         choice = EngineChoice("llamacpp", None, f"{measured} < {MIN_BF16_SPEEDUP}x; cached in {path}")
     write_text_atomic(path, json.dumps({**saved, key: asdict(choice)}, indent=1))
     return choice
-
-
-def _threads(threads: int | None) -> int:
-    from gecko.llm.llamacpp import free_cores
-
-    return threads or int(os.environ.get("GECKO_LLM_THREADS", 0)) or free_cores()
 
 
 def _env(name: str, allowed: tuple[str, ...]) -> str | None:
@@ -130,7 +124,7 @@ def default_dtype(device: str = "cpu", threads: int | None = None) -> str:
         return chosen
     if device == "cuda" or (device is None and torch.cuda.is_available()):
         return "bfloat16"
-    return "bfloat16" if _calibrated(_threads(threads)).backend == "transformers" else "float32"
+    return "bfloat16" if _calibrated(llm_threads(threads)).backend == "transformers" else "float32"
 
 
 def choose_engine(threads: int | None = None) -> EngineChoice:
@@ -144,7 +138,7 @@ def choose_engine(threads: int | None = None) -> EngineChoice:
         return EngineChoice("transformers", dtype, "GECKO_LLM_DTYPE")
     if torch.cuda.is_available():
         return EngineChoice("transformers", "bfloat16", "CUDA GPU")
-    measured = _calibrated(_threads(threads))
+    measured = _calibrated(llm_threads(threads))
     if backend == "transformers":  # engine forced, dtype from the calibration
         fast = measured.backend == "transformers"
         return EngineChoice("transformers", "bfloat16" if fast else "float32", f"GECKO_LLM_BACKEND; {measured.reason}")

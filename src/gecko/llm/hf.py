@@ -22,7 +22,6 @@ import torch
 
 from gecko.llm import slots
 from gecko.llm.engine import default_dtype
-from gecko.llm.llamacpp import free_cores
 from gecko.llm.base import (
     ContinuationScore,
     GenerationParams,
@@ -31,6 +30,7 @@ from gecko.llm.base import (
     LabelScores,
     LLMError,
     label_logprobs_by_scoring,
+    llm_threads,
     score_and_label_by_parts,
 )
 from gecko.llm.sampling import prompt_seed, sample_rows
@@ -123,7 +123,7 @@ class TransformersLLM:
         path = default_gguf_path() if str(model) == DEFAULT else Path(model)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if self.device.type == "cpu":  # torch's threads spin like llama.cpp's: never more than the free cores
-            torch.set_num_threads(n_threads or int(os.environ.get("GECKO_LLM_THREADS", 0)) or free_cores())
+            torch.set_num_threads(llm_threads(n_threads))
         dtype = dtype or default_dtype(self.device.type, torch.get_num_threads())
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, not {dtype!r}")

@@ -35,6 +35,7 @@ from gecko.llm.base import (
     LabelScores,
     LLMError,
     label_logprobs_by_scoring,
+    llm_threads,
     score_and_label_by_parts,
 )
 from gecko.llm.sampling import prompt_seed, sample_rows
@@ -42,13 +43,6 @@ from gecko.models import DEFAULT, default_gguf_path, file_sha256
 
 ALIGN = 64
 MAIN = 0  # the KV sequence that scoring uses and that holds the shared prefix
-
-
-def free_cores() -> int:
-    """Cores not busy right now: llama.cpp with more threads than free cores runs ~50x slower."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    busy = int(os.getloadavg()[0] + 0.5) if hasattr(os, "getloadavg") else 0
-    return max(1, cores - busy)
 
 
 def log_softmax_at(row: np.ndarray, token: int) -> float:
@@ -77,7 +71,7 @@ class LlamaCppLLM:
         if not path.is_file():
             raise FileNotFoundError(f"GGUF model not found: {path}")
         self.path = path
-        self.n_threads = n_threads or int(os.environ.get("GECKO_LLM_THREADS", 0)) or free_cores()
+        self.n_threads = llm_threads(n_threads)
         self.max_batch = max_batch
         self.identity = f"llamacpp:{file_sha256(path)}"
         with suppress_stdout_stderr(disable=False):  # llama.cpp prints context notes even when not verbose

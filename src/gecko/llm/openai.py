@@ -74,6 +74,9 @@ class OpenAILLM:
     extra_body: fields merged into every request, for server-specific knobs
     (e.g. {"repeat_penalty": 1.0} on llama-cpp-python, whose default is 1.1).
     batch: send each call's requests to the Batch API as one job (see the module doc).
+    timeout bounds each network read; deadline (default 2 x timeout) a whole attempt, so an answer
+    that trickles in a byte at a time fails like a timeout (the Batch API's result downloads, whose
+    size has no bound, are exempt).
     """
 
     def __init__(
@@ -85,6 +88,7 @@ class OpenAILLM:
         score_mode: str = "echo",
         timeout: float = 60.0,
         connect_timeout: float = 10.0,
+        deadline: float | None = None,
         max_retries: int = 3,
         backoff: float = 0.5,
         max_concurrency: int = 1,
@@ -104,6 +108,7 @@ class OpenAILLM:
         self.score_mode = score_mode
         self.max_retries = max_retries
         self.backoff = backoff
+        self.deadline = 2 * timeout if deadline is None else deadline
         self.max_concurrency = max(1, max_concurrency)
         self.extra_body = dict(extra_body or {})
         self.batch = batch
@@ -150,19 +155,22 @@ class OpenAILLM:
         for attempt in range(attempts):
             if attempt:
                 time.sleep(self.backoff * 2 ** (attempt - 1))
+            deadline = None if text else time.monotonic() + self.deadline
             try:
-                if files is not None:
-                    response = self._client.request(method, url, data=body, files=files)
-                else:
-                    response = self._client.request(method, url, json=body)
+                sent = {"data": body, "files": files} if files is not None else {"json": body}
+                with self._client.stream(method, url, **sent) as response:
+                    content = _read(response, deadline)
+                shown = content[:500].decode(response.encoding or "utf-8", errors="replace")
                 if response.status_code >= 500 or response.status_code == 429:
-                    raise _Retryable(f"HTTP {response.status_code}: {response.text[:200]!r}")
+                    raise _Retryable(f"HTTP {response.status_code}: {shown[:200]!r}")
                 if response.status_code >= 400:
-                    raise Refused(f"{method} {url} was refused (not retried): HTTP {response.status_code}: {response.text[:500]!r}")
+                    raise Refused(f"{method} {url} was refused (not retried): HTTP {response.status_code}: {shown!r}")
                 try:
-                    return parse(response.text if text else response.json())
+                    return parse(content.decode(response.encoding or "utf-8", errors="replace") if text else json.loads(content))
                 except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:  # incl. invalid JSON
-                    raise _Retryable(f"bad response body ({type(e).__name__}: {e}): {response.text[:200]!r}") from e
+                    raise _Retryable(f"bad response body ({type(e).__name__}: {e}): {shown[:200]!r}") from e
+            except _PastDeadline:
+                problem = f"timed out (no whole answer within the {self.deadline:g} s deadline per attempt)"
             except httpx.TimeoutException as e:
                 problem = f"timed out ({type(e).__name__})"
             except httpx.TransportError as e:  # refused, reset, or closed without a response
@@ -397,6 +405,20 @@ class OpenAILLM:
 
 class _NoPromptLogprobs(Exception):
     pass
+
+
+class _PastDeadline(Exception):
+    """An attempt's answer did not arrive whole within the deadline."""
+
+
+def _read(response: httpx.Response, deadline: float | None) -> bytes:
+    """The body, chunk by chunk, given up past `deadline` (each read alone is bounded by the timeout)."""
+    chunks = []
+    for chunk in response.iter_bytes():
+        if deadline is not None and time.monotonic() > deadline:
+            raise _PastDeadline
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 class Capabilities:

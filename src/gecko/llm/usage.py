@@ -29,6 +29,37 @@ class Price:
         return (live + self.batch * (batch_in * self.input + batch_out * self.output)) / 1e6
 
 
+COUNTERS = ("backend_calls", "cache_hits", "evaluated_tokens", "tokens_in", "tokens_out", "batch_tokens_in", "batch_tokens_out", "cost")
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What an LLM did during one stage: live and Batch API tokens together; None where the
+    backend keeps no such counter."""
+
+    calls: int
+    cache_hits: int
+    tokens_in: int
+    tokens_out: int
+    evaluated_tokens: int | None
+    cost: float | None
+
+
+class UsageMeter:
+    """The LLM's counters at the start of a stage, so that `used` gives that stage's share."""
+
+    def __init__(self, llm):
+        self.llm = llm
+        self.before = {name: getattr(llm, name, None) for name in COUNTERS}
+
+    def used(self) -> Usage:
+        d = {name: None if start is None else getattr(self.llm, name, 0) - start for name, start in self.before.items()}
+        return Usage(calls=d["backend_calls"] or 0, cache_hits=d["cache_hits"] or 0,
+                     tokens_in=(d["tokens_in"] or 0) + (d["batch_tokens_in"] or 0),
+                     tokens_out=(d["tokens_out"] or 0) + (d["batch_tokens_out"] or 0),
+                     evaluated_tokens=d["evaluated_tokens"], cost=None if d["cost"] is None else round(d["cost"], 6))
+
+
 class BudgetExceeded(LLMError):
     """The estimated cost reached `max_cost`: the stage stops before its next uncached call."""
 

@@ -35,7 +35,7 @@ from typing import Callable
 import yaml
 
 from gecko.journal import write_json_atomic, write_text_atomic
-from gecko.llm import parse_spec
+from gecko.llm import LLMSpec
 from gecko.models import DEFAULT
 from gecko.pipeline.config import PipelineConfig, plain_data
 from gecko.pipeline.report import before_after_rows, before_after_table, write_report
@@ -76,7 +76,7 @@ class RunResult:
 def content_hash(path: Path) -> str:
     """sha256 of a file, or of a folder's files (names and contents; hidden files and README.md
     skipped, as for the embedding cache's model identity); memoised by size and mtime."""
-    from gecko.evaluate.encoder import model_identity
+    from gecko.embed import model_identity
 
     if not path.exists():
         raise PipelineError(f"{path}: no such file or directory")
@@ -86,7 +86,8 @@ def content_hash(path: Path) -> str:
 def llm_identity(spec: str) -> str:
     """What the LLM's outputs depend on, named without loading it: the engine `default` runs on
     here with its dtype and the model file's hash; a local model's content hash; else the spec."""
-    kind, target = parse_spec(spec)
+    parsed = LLMSpec.parse(spec)
+    kind, target = parsed.kind, parsed.target
     if target in ("", DEFAULT) and kind in (DEFAULT, "llamacpp", "transformers"):
         from gecko.llm.engine import choose_engine, default_dtype
         from gecko.models import default_gguf_path, file_sha256

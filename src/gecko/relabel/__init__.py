@@ -3,10 +3,11 @@ RC fused by RRF), and keep the top one as the positive and a low-ranked one as h
 
 from gecko.relabel.fusion import FUSIONS, NEGATIVE_METHODS, fuse, parse_weights, ranks, select_negatives
 from gecko.relabel.rerank_eval import RerankEvalResult, run_rerank_eval
-from gecko.relabel.scoring import PairScore, PairScorer, ScoreConfig, naive_score, passage_for_llm
+from gecko.relabel.scoring import InvalidScore, PairScore, PairScorer, ScoreConfig, naive_score, passage_for_llm
 
 __all__ = [
     "FUSIONS",
+    "InvalidScore",
     "NEGATIVE_METHODS",
     "PairScore",
     "PairScorer",

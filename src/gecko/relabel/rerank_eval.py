@@ -23,8 +23,9 @@ from gecko.evaluate.core import as_tasks
 from gecko.evaluate.metrics import paired_bootstrap_ci, ranking_scores
 from gecko.evaluate.tasks import load_task_data, resolve_task
 from gecko.llm.base import LLM
+from gecko.llm.usage import UsageMeter
 from gecko.relabel.fusion import fuse, ranks, spearman
-from gecko.relabel.scoring import PairScore, PairScorer, ScoreConfig
+from gecko.relabel.scoring import InvalidScore, PairScore, PairScorer, ScoreConfig
 from gecko.retrieve import RetrieveConfig, Retriever
 
 # the orders compared: name -> (fusion method, weights)
@@ -125,38 +126,70 @@ def run_rerank_eval(
     qids = list(data.qrels)[: limit if limit is not None else None]
     times["load_s"] = time.perf_counter() - start
 
+    cands = _retrieve(data, qids, top_n, retrieve, progress, times)
+    meter = UsageMeter(llm)
+    start = time.perf_counter()
+    pair_scores = _score_pairs(PairScorer(llm, score), data, cands, progress)
+    times["llm_s"] = time.perf_counter() - start
+    ranked, rhos = _rerank(data, cands, pair_scores, score)
+    qrels = {q: data.qrels[q] for q in qids}
+    usage = meter.used()
+    return RerankEvalResult(
+        dataset=str(dataset),
+        queries=len(qids),
+        top_n=top_n,
+        **_metrics(ranked, qrels, top_n),
+        spearman={k: float(np.mean(v)) for k, v in rhos.items() if v},
+        pairs=len(pair_scores),
+        llm_calls=usage.calls,
+        llm_cache_hits=usage.cache_hits,
+        tokens_evaluated=usage.evaluated_tokens,
+        times={k: round(v, 2) for k, v in times.items()},
+        query_ids=qids,
+        config={"llm": getattr(llm, "identity", "?"), "score": {**asdict(score), "prompt_id": score.prompt.id},
+                "retrieve": asdict(retrieve), "split": split, "limit": limit, "protocol": data.protocol()},
+    )
+
+
+def _retrieve(data, qids: list[str], top_n: int, retrieve: RetrieveConfig, progress: bool, times: dict) -> dict[str, list[int]]:
+    """Each query's top-N corpus positions; a query's own document is left out where the task says so."""
     retriever = Retriever(data.corpus, retrieve, progress=progress)
     q_emb = retriever.embed_queries([retrieve.query_text("", data.queries[q]) for q in qids])
-    scores, idx = retriever.search(q_emb, top_n + 1 if data.ignore_identical_ids else top_n)
+    _, idx = retriever.search(q_emb, top_n + 1 if data.ignore_identical_ids else top_n)
     times.update(encode_corpus_s=retriever.times.encode_corpus_s, index_s=retriever.times.index_s,
                  encode_queries_s=retriever.times.encode_queries_s, search_s=retriever.times.search_s)
-
-    # pairs grouped by passage: a passage retrieved by several queries is evaluated once
-    cands = {
+    return {
         q: [int(i) for i in row if i >= 0 and not (data.ignore_identical_ids and data.corpus[i].doc_id == q)][:top_n]
         for q, row in zip(qids, idx)
     }
+
+
+def _score_pairs(scorer: PairScorer, data, cands: dict[str, list[int]], progress: bool) -> dict[tuple[str, int], PairScore]:
+    """Every (query, candidate) pair's scores, grouped by passage: a passage retrieved by several
+    queries is evaluated once. A score that is not finite is an `InvalidScore`."""
     by_passage: dict[int, list[str]] = {}
-    for q in qids:
-        for i in cands[q]:
+    for q, ids in cands.items():
+        for i in ids:
             by_passage.setdefault(i, []).append(q)
-    scorer = PairScorer(llm, score)
-    counters = ("backend_calls", "cache_hits", "evaluated_tokens")
-    before = {c: getattr(llm, c, None) for c in counters}
     pair_scores: dict[tuple[str, int], PairScore] = {}
-    start = time.perf_counter()
     bar = tqdm(total=sum(len(v) for v in by_passage.values()), unit="pair", desc="LLM scoring", disable=not progress)
     for i, queries in by_passage.items():
         for q, s in zip(queries, scorer.score_passage(data.corpus[i], [data.queries[q] for q in queries])):
+            if s.not_finite():
+                raise InvalidScore(f"{getattr(scorer.llm, 'identity', '?')} gave a score that is not finite "
+                                   f"(query {q!r}, document {data.corpus[i].doc_id!r}: {s.not_finite()})")
             pair_scores[(q, i)] = s
         bar.update(len(queries))
     bar.close()
-    times["llm_s"] = time.perf_counter() - start
+    return pair_scores
 
+
+def _rerank(data, cands: dict[str, list[int]], pair_scores: dict[tuple[str, int], PairScore],
+            score: ScoreConfig) -> tuple[dict[str, dict[str, list[str]]], dict[str, list[float]]]:
+    """Each order's ranked document ids per query, and the per-query rank correlations of the signals."""
     ranked: dict[str, dict[str, list[str]]] = {name: {} for name in ORDERS}
     rhos: dict[str, list[float]] = {"QL~RC": [], "QL~retriever": [], "RC~retriever": []}
-    for q, row_scores in zip(qids, scores):
-        ids = cands[q]
+    for q, ids in cands.items():
         pairs = [pair_scores[(q, i)] for i in ids]
         signals = {"retriever": list(range(1, len(ids) + 1))}
         if score.prompt.ql:
@@ -167,50 +200,35 @@ def run_rerank_eval(
             needed = {"ql": ["ql"], "rc": ["rc"], "rrf": ["ql", "rc"]}.get(method, list(weights or {}))
             if not all(s in signals for s in needed):
                 continue
-            fused = fuse(signals, method, weights)
-            order = ranks(fused, tiebreak=signals["retriever"])
+            order = ranks(fuse(signals, method, weights), tiebreak=signals["retriever"])
             docs = [None] * len(ids)
             for pos, r in enumerate(order):
                 docs[r - 1] = data.corpus[ids[pos]].doc_id
             ranked[name][q] = list(dict.fromkeys(docs))
-        if "ql" in signals and "rc" in signals:
-            rhos["QL~RC"].append(spearman(signals["ql"], signals["rc"]))
-        if "ql" in signals:
-            rhos["QL~retriever"].append(spearman(signals["ql"], signals["retriever"]))
-        if "rc" in signals:
-            rhos["RC~retriever"].append(spearman(signals["rc"], signals["retriever"]))
-    qrels = {q: data.qrels[q] for q in qids}
-    ndcg = {name: ranking_scores(r, qrels, (10, top_n))["ndcg_at_10"] for name, r in ranked.items() if r}
-    # the positive is the top candidate: how often it is judged relevant
-    p_at_1 = {name: ranking_scores(r, qrels, (1,))["precision_at_1"] for name, r in ranked.items() if r}
-    per_query = {
-        name: [round(ranking_scores({q: r[q]}, {q: qrels[q]}, (10,))["ndcg_at_10"], 6) for q in qids]
-        for name, r in ranked.items() if r
-    }
+        for pair, (a, b) in {"QL~RC": ("ql", "rc"), "QL~retriever": ("ql", "retriever"), "RC~retriever": ("rc", "retriever")}.items():
+            if a in signals and b in signals:
+                rhos[pair].append(spearman(signals[a], signals[b]))
+    return ranked, rhos
+
+
+def _metrics(ranked: dict[str, dict[str, list[str]]], qrels: dict[str, dict[str, int]], top_n: int) -> dict:
+    """nDCG@10, P@1 (is the positive judged relevant), per-query nDCG@10, recall@N, the oracle's
+    nDCG@10 and how often the top candidate changed, for `RerankEvalResult`."""
+    qids = list(qrels)
+    orders = {name: r for name, r in ranked.items() if r}
     base = ranking_scores(ranked["retriever"], qrels, (10, top_n))
     oracle = {q: sorted(ranked["retriever"][q], key=lambda d: -qrels[q].get(d, 0)) for q in qids}
-    top1 = {
-        name: float(np.mean([r[q][0] != ranked["retriever"][q][0] for q in qids]))
-        for name, r in ranked.items() if r and name != "retriever"
+    return {
+        "ndcg_at_10": {name: ranking_scores(r, qrels, (10, top_n))["ndcg_at_10"] for name, r in orders.items()},
+        "precision_at_1": {name: ranking_scores(r, qrels, (1,))["precision_at_1"] for name, r in orders.items()},
+        "per_query_ndcg_at_10": {
+            name: [round(ranking_scores({q: r[q]}, {q: qrels[q]}, (10,))["ndcg_at_10"], 6) for q in qids]
+            for name, r in orders.items()
+        },
+        "recall_at_n": base[f"recall_at_{top_n}"],
+        "oracle_ndcg_at_10": ranking_scores(oracle, qrels, (10,))["ndcg_at_10"],
+        "top1_changed": {
+            name: float(np.mean([r[q][0] != ranked["retriever"][q][0] for q in qids]))
+            for name, r in orders.items() if name != "retriever"
+        },
     }
-    used = {c: (getattr(llm, c, 0) - before[c]) if before[c] is not None else None for c in counters}
-    return RerankEvalResult(
-        dataset=str(dataset),
-        queries=len(qids),
-        top_n=top_n,
-        ndcg_at_10=ndcg,
-        precision_at_1=p_at_1,
-        recall_at_n=base[f"recall_at_{top_n}"],
-        oracle_ndcg_at_10=ranking_scores(oracle, qrels, (10,))["ndcg_at_10"],
-        spearman={k: float(np.mean(v)) for k, v in rhos.items() if v},
-        top1_changed=top1,
-        pairs=len(pair_scores),
-        llm_calls=used["backend_calls"] or 0,
-        llm_cache_hits=used["cache_hits"] or 0,
-        tokens_evaluated=used["evaluated_tokens"],
-        times={k: round(v, 2) for k, v in times.items()},
-        query_ids=qids,
-        per_query_ndcg_at_10=per_query,
-        config={"llm": getattr(llm, "identity", "?"), "score": {**asdict(score), "prompt_id": score.prompt.id},
-                "retrieve": asdict(retrieve), "split": split, "limit": limit, "protocol": data.protocol()},
-    )

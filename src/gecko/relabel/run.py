@@ -29,9 +29,10 @@ from tqdm import tqdm
 from gecko.corpus import CorpusError, Passage, load_corpus, read_jsonl
 from gecko.journal import Journal, write_json_atomic, write_jsonl_atomic
 from gecko.llm.base import LLM
-from gecko.llm.usage import BudgetExceeded, usage_line
+from gecko.llm.usage import BudgetExceeded, UsageMeter, usage_line
+from gecko.options import option
 from gecko.relabel.fusion import FUSIONS, NEGATIVE_METHODS, fuse, parse_weights, ranks, select_negatives, spearman
-from gecko.relabel.scoring import PairScore, PairScorer, ScoreConfig
+from gecko.relabel.scoring import InvalidScore, PairScore, PairScorer, ScoreConfig
 from gecko.retrieve import RetrieveConfig, Retriever
 
 REQUIRED = ("id", "seed_id", "task", "query")
@@ -45,29 +46,35 @@ class RelabelError(CorpusError):
 
 @dataclass(frozen=True)
 class RelabelConfig:
-    top_n: int = 20
+    top_n: int = option(20, "candidates retrieved and re-ranked per query")
     # the default for the packaged 270M LLM, chosen by `gecko rerank-eval` on SciFact (README):
     # RRF over QL and the retriever's ranks; its RC is no better than chance. The paper's
     # fusion="rrf" (QL + RC) is for LLMs whose relevance judgements carry signal.
-    fusion: str = "weighted"
-    weights: str | None = "ql=1,retriever=1"  # for fusion="weighted": weight / rank summed per signal
-    positive: str = "fused"  # fused: the top fused candidate (the recipe); seed: the seed passage (the paper's ablation)
-    negative: str = "last"
-    n_negatives: int = 1
-    seed: int = 0  # for negative="random"
-    seed_not_negative: bool = True  # the seed passage is never a negative (it is relevant by construction)
-    drop_easy_margin: float | None = None  # drop examples the retriever already gets right by this margin
-    # false-negative guard: never take as a negative a candidate the retriever scores above this
-    # share of the positive's score (NV-Retriever's positive-aware threshold, TopK-PercPos), or whose
-    # QL is within this many nats of the positive's (the teacher's view); None: off
-    false_negative_ratio: float | None = None
-    false_negative_ql_margin: float | None = None
-    # queries retrieved and scored together: a passage retrieved by several queries of one chunk
-    # is evaluated by the LLM once for all of them, so bigger chunks share more; memory per chunk
-    # is a few hundred bytes per query (its top-N ids, scores and LLM scores)
-    query_chunk: int = 4096
-    score: ScoreConfig = ScoreConfig()
-    retrieve: RetrieveConfig = RetrieveConfig()
+    fusion: str = option("weighted", "rrf: 1/rank_QL + 1/rank_RC (the paper); ql / rc alone; weighted: sum of weight/rank "
+                         "(default: weighted with ql=1,retriever=1, chosen by rerank-eval for the packaged model, see README)",
+                         choices=FUSIONS)
+    weights: str | None = option("ql=1,retriever=1", "for --fusion weighted (default ql=1,retriever=1), e.g. ql=1,rc=1,retriever=1")
+    positive: str = option("fused", "fused: the top re-ranked candidate (the recipe); seed: the seed passage (ablation)",
+                           choices=POSITIVE_METHODS)
+    negative: str = option("last", "hard negative: rank N, or a random one of ranks 2..N", choices=NEGATIVE_METHODS)
+    n_negatives: int = option(1, "hard negatives per example", flag="--negatives")
+    seed: int = option(0, "for --negative random")
+    seed_not_negative: bool = option(True, cli=False)  # the seed passage is never a negative (it is relevant by construction)
+    # false-negative guard (NV-Retriever's positive-aware threshold, TopK-PercPos, and the teacher's view); None: off
+    false_negative_ratio: float | None = option(
+        None, "never a negative: a candidate the retriever scores above this share of the positive's score (e.g. 0.95)")
+    false_negative_ql_margin: float | None = option(
+        None, "never a negative: a candidate whose QL is within this many nats of the positive's")
+    drop_easy_margin: float | None = option(
+        None, "drop examples whose seed the base retriever ranks first by at least this cosine margin (off by default)")
+    # a passage retrieved by several queries of one chunk is evaluated by the LLM once for all of
+    # them, so bigger chunks share more; memory per chunk is a few hundred bytes per query (its
+    # top-N ids, scores and LLM scores)
+    query_chunk: int = option(4096, "queries retrieved and scored together: bounds memory; passages shared within a chunk "
+                              "are evaluated once")
+    lenient: bool = option(False, "skip and count queries with a NaN or infinite LLM score (default: an error)")
+    score: ScoreConfig = option(ScoreConfig(), cli=False)
+    retrieve: RetrieveConfig = option(RetrieveConfig(), cli=False)
 
     def __post_init__(self):
         if self.top_n < 2:
@@ -253,7 +260,7 @@ def load_generated(path: str | Path) -> list[GeneratedRecord]:
 
 
 def _score_key(config: RelabelConfig, llm: LLM) -> str:
-    from gecko.evaluate.encoder import model_identity
+    from gecko.embed import model_identity
     from gecko.models import resolve_embedder
 
     r = config.retrieve
@@ -289,13 +296,15 @@ def build_example(
     entry: dict,
     passages: dict[str, Passage],
     config: RelabelConfig,
-    adapted: bool = False,
+    fusion: str | None = None,
 ) -> tuple[RelabelExample | None, str | None, dict]:
     """Fuse one journaled query's scores into an example; (None, reason) when it cannot be one.
 
-    Also returns the per-candidate signal ranks, for the summary. `adapted`: the fusion was
-    changed for an LLM without QL (`adapt_to_llm`), so the example names its weights.
+    Also returns the per-candidate signal ranks, for the summary. `fusion`: what the example
+    names as its fusion (default `config.fusion`; `weighted:WEIGHTS` when `adapt_to_llm` changed it).
     """
+    if entry.get("invalid"):
+        return None, "invalid_llm_score", {}
     rows = entry["candidates"]  # [id, retriever score, *PairScore.to_list()] in retriever order
     if len(rows) < 2:
         return None, "too_few_candidates", {}
@@ -363,7 +372,7 @@ def build_example(
         seed_rank=entry["seed_rank"],
         seed_score=round(entry["seed_score"], 6),
         seed_margin=round(entry["seed_margin"], 6),
-        fusion=f"weighted:{config.weights}" if adapted else config.fusion,
+        fusion=fusion or config.fusion,
         candidates=candidates,
     )
     return example, None, signals
@@ -441,6 +450,51 @@ def score_groups_locally(scorer: PairScorer, groups: list[Group], times: Counter
 # ---------------------------------------------------------------- the stage
 
 
+@dataclass
+class ScoreStats:
+    """The summary's distributions, gathered one example at a time as the output is assembled."""
+
+    ql_all: list[float] = field(default_factory=list)
+    ql_pos: list[float] = field(default_factory=list)
+    ql_neg: list[float] = field(default_factory=list)
+    rc_all: list[float] = field(default_factory=list)
+    rc_pos: list[float] = field(default_factory=list)
+    rc_neg: list[float] = field(default_factory=list)
+    margins: list[float] = field(default_factory=list)
+    rhos: list[float] = field(default_factory=list)  # per-query Spearman(QL, RC)
+    seed_bins: Counter = field(default_factory=Counter)
+    rc_bounds: Counter = field(default_factory=Counter)
+
+    def add(self, example: RelabelExample, signals: dict, rows: list) -> None:
+        self.seed_bins[_rank_bin(example.seed_rank)] += 1
+        self.margins.append(example.seed_margin)
+        if "ql" in signals and "rc" in signals:
+            self.rhos.append(spearman(signals["ql"], signals["rc"]))
+        for row in rows:
+            bound = PairScore.from_list(row[2:]).rc_bound()
+            if bound:
+                self.rc_bounds[bound] += 1
+        self.ql_all += [c.ql for c in example.candidates if c.ql is not None]
+        self.rc_all += [c.rc for c in example.candidates if c.rc is not None]
+        by_id = {c.id: c for c in example.candidates}
+        pos, neg = by_id.get(example.positive_id), by_id[example.negative_id]  # no pos: an unretrieved seed
+        if pos is not None and pos.ql is not None and neg.ql is not None:
+            self.ql_pos.append(pos.ql)
+            self.ql_neg.append(neg.ql)
+        if pos is not None and pos.rc is not None and neg.rc is not None:  # an RC of None (no label listed) is no value
+            self.rc_pos.append(pos.rc)
+            self.rc_neg.append(neg.rc)
+
+    def fill(self, summary: RelabelSummary) -> None:
+        summary.seed_rank = {b: self.seed_bins.get(b, 0) for b in SEED_RANK_BINS}
+        summary.seed_margin = _quantiles(self.margins)
+        named = (("QL (all candidates)", self.ql_all), ("QL (positives)", self.ql_pos), ("QL (negatives)", self.ql_neg),
+                 ("RC (all candidates)", self.rc_all), ("RC (positives)", self.rc_pos), ("RC (negatives)", self.rc_neg))
+        summary.scores = {name: _quantiles(values) for name, values in named if values}
+        summary.spearman_ql_rc = round(float(np.mean(self.rhos)), 4) if self.rhos else None
+        summary.rc_bounds = dict(self.rc_bounds)
+
+
 def run_relabel(
     generated: str | Path,
     corpus: str | Path,
@@ -461,120 +515,36 @@ def run_relabel(
     started = time.perf_counter()
     times: Counter = Counter()
     out = Path(out)
-    if out.suffix not in (".jsonl", ".parquet"):
-        raise RelabelError(f"{out}: the output must end in .jsonl or .parquet")
-    records = load_generated(generated)
-    if limit is not None:
-        records = records[:limit]
-    passage_list, _ = load_corpus(corpus, **(corpus_options or {}))
-    if not passage_list:
-        raise RelabelError(f"{corpus}: the corpus has no passages")
-    position = {p.id: i for i, p in enumerate(passage_list)}
-    for r in records:
-        if r.seed_id not in position:
-            raise RelabelError(f"{r.where}: seed_id {r.seed_id!r} is not a passage of the corpus {corpus}")
+    records, passage_list = _load_inputs(generated, corpus, out, limit, corpus_options)
     times["load_s"] = time.perf_counter() - started
 
     configured = config
     config, ql_unavailable = adapt_to_llm(config, llm)
+    fusion_used = f"weighted:{config.weights}" if ql_unavailable else None
     key = _score_key(config, llm)
-    journal = Journal(out.with_name(out.name + ".journal"))
-    done = {e["key"] for e in journal.entries() if e.get("score_key") == key}
-    todo = [r for r in records if r.id not in done]
-    counters = ("backend_calls", "cache_hits", "evaluated_tokens", "tokens_in", "tokens_out", "batch_tokens_in", "batch_tokens_out", "cost")
-    before = {c: getattr(llm, c, None) for c in counters}
-    summary = RelabelSummary(queries=len(records))
+    meter = UsageMeter(llm)
     scorer = PairScorer(llm, config.score)
-    bar = tqdm(total=len(records), initial=len(records) - len(todo), unit="query", desc="relabel", disable=not progress)
-    retriever = None
     if getattr(llm, "batch", False) and score_groups is score_groups_locally:
         score_groups = score_groups_together  # a chunk's pairs as one Batch API job
-    try:
-        if todo:
-            retriever = Retriever(passage_list, config.retrieve, progress=progress)
-            retriever.build()
-            for lo in range(0, len(todo), config.query_chunk):
-                chunk = todo[lo : lo + config.query_chunk]
-                _relabel_chunk(chunk, retriever, scorer, score_groups, position, config, journal, key, times, bar)
-    except BudgetExceeded as err:
-        raise BudgetExceeded(f"relabel stopped: {err}; {len(journal)} of {len(records)} queries are journaled in "
-                             f"{journal.path}: rerun with a higher max_cost to go on (cached calls cost nothing)") from None
-    finally:
-        bar.close()
-        journal.close()
+    summary = RelabelSummary(queries=len(records))
+    journal = Journal(out.with_name(out.name + ".journal"))
+    retriever = _score_unjournaled(records, passage_list, journal, key, scorer, score_groups, config, times, progress)
     if retriever is not None:
         rt = retriever.times
         times.update(encode_corpus_s=rt.encode_corpus_s, index_s=rt.index_s, encode_queries_s=rt.encode_queries_s, search_s=rt.search_s)
         summary.corpus_encoded = rt.corpus_encoded
 
-    # ---- assemble the output from the journal's raw scores
     start = time.perf_counter()
     entries = {e["key"]: e for e in journal.entries() if e.get("score_key") == key}
-    passages = {p.id: p for p in passage_list}
-    rows: list[dict] = []
-    ql_all, rc_all, ql_pos, ql_neg, rc_pos, rc_neg, margins, rhos = [], [], [], [], [], [], [], []
-    seed_bins, rc_bounds = Counter(), Counter()
-    for r in records:
-        example, reason, signals = build_example(r, entries[r.id], passages, config, adapted=bool(ql_unavailable))
-        if example is None:
-            summary.skipped[reason] += 1
-            continue
-        seed_bins[_rank_bin(example.seed_rank)] += 1
-        margins.append(example.seed_margin)
-        if "ql" in signals and "rc" in signals:
-            rhos.append(spearman(signals["ql"], signals["rc"]))
-        for pair in entries[r.id]["candidates"]:
-            bound = PairScore.from_list(pair[2:]).rc_bound()
-            if bound:
-                rc_bounds[bound] += 1
-        by_id = {c.id: c for c in example.candidates}
-        for c in example.candidates:
-            if c.ql is not None:
-                ql_all.append(c.ql)
-            if c.rc is not None:
-                rc_all.append(c.rc)
-        pos, neg = by_id.get(example.positive_id), by_id[example.negative_id]  # no pos: an unretrieved seed
-        if pos is not None and pos.ql is not None:
-            ql_pos.append(pos.ql)
-            ql_neg.append(neg.ql)
-        if pos is not None and pos.rc is not None:
-            rc_pos.append(pos.rc)
-            rc_neg.append(neg.rc)
-        if config.drop_easy_margin is not None and is_easy(example, config.drop_easy_margin):
-            summary.skipped["easy"] += 1
-            continue
-        summary.examples += 1
-        summary.positive_changed += example.positive_changed
-        summary.likely_false_negatives += len(example.likely_false_negatives)
-        rows.append(asdict(example))
-    write(out, rows)
+    write(out, _assemble(records, entries, {p.id: p for p in passage_list}, config, fusion_used or config.fusion, summary))
     times["write_s"] = time.perf_counter() - start
 
-    summary.seed_rank = {b: seed_bins.get(b, 0) for b in SEED_RANK_BINS}
-    summary.seed_margin = _quantiles(margins)
-    summary.scores = {
-        name: d
-        for name, d in (
-            ("QL (all candidates)", _quantiles(ql_all)),
-            ("QL (positives)", _quantiles(ql_pos)),
-            ("QL (negatives)", _quantiles(ql_neg)),
-            ("RC (all candidates)", _quantiles(rc_all)),
-            ("RC (positives)", _quantiles(rc_pos)),
-            ("RC (negatives)", _quantiles(rc_neg)),
-        )
-        if d
-    }
-    summary.spearman_ql_rc = round(float(np.mean(rhos)), 4) if rhos else None
     summary.pairs_scored = scorer.pairs
-    used = {c: (getattr(llm, c, 0) - before[c]) if before[c] is not None else None for c in counters}
-    summary.llm_calls, summary.llm_cache_hits = used["backend_calls"] or 0, used["cache_hits"] or 0
-    summary.tokens_in = (used["tokens_in"] or 0) + (used["batch_tokens_in"] or 0)
-    summary.tokens_out = (used["tokens_out"] or 0) + (used["batch_tokens_out"] or 0)
-    summary.cost = None if used["cost"] is None else round(used["cost"], 6)
-    summary.tokens_evaluated = used["evaluated_tokens"]
-    summary.ql_unavailable = ql_unavailable
-    summary.fusion_used = f"weighted:{config.weights}" if ql_unavailable else None
-    summary.rc_bounds = dict(rc_bounds)
+    usage = meter.used()
+    summary.llm_calls, summary.llm_cache_hits = usage.calls, usage.cache_hits
+    summary.tokens_in, summary.tokens_out, summary.cost = usage.tokens_in, usage.tokens_out, usage.cost
+    summary.tokens_evaluated = usage.evaluated_tokens
+    summary.ql_unavailable, summary.fusion_used = ql_unavailable, fusion_used
     summary.times = {k: round(v, 2) for k, v in times.items()}
     summary.wall_s = round(time.perf_counter() - started, 2)
     summary.config = {
@@ -586,6 +556,70 @@ def run_relabel(
     }
     write_json_atomic(out.with_name(out.name + ".summary.json"), summary.to_dict())
     return summary
+
+
+def _load_inputs(generated, corpus, out: Path, limit: int | None, corpus_options: dict | None) -> tuple[list[GeneratedRecord], list[Passage]]:
+    """The records to relabel and the corpus, every problem found before any LLM work."""
+    if out.suffix not in (".jsonl", ".parquet"):
+        raise RelabelError(f"{out}: the output must end in .jsonl or .parquet")
+    records = load_generated(generated)
+    if limit is not None:
+        records = records[:limit]
+    passage_list, _ = load_corpus(corpus, **(corpus_options or {}))
+    if not passage_list:
+        raise RelabelError(f"{corpus}: the corpus has no passages")
+    ids = {p.id for p in passage_list}
+    for r in records:
+        if r.seed_id not in ids:
+            raise RelabelError(f"{r.where}: seed_id {r.seed_id!r} is not a passage of the corpus {corpus}")
+    return records, passage_list
+
+
+def _score_unjournaled(records: list[GeneratedRecord], passage_list: list[Passage], journal: Journal, key: str,
+                       scorer: PairScorer, score_groups: GroupScorer, config: RelabelConfig, times: Counter,
+                       progress: bool) -> Retriever | None:
+    """Retrieve and score, chunk by chunk, the queries the journal lacks; the retriever, if one was needed."""
+    done = {e["key"] for e in journal.entries() if e.get("score_key") == key}
+    todo = [r for r in records if r.id not in done]
+    bar = tqdm(total=len(records), initial=len(records) - len(todo), unit="query", desc="relabel", disable=not progress)
+    try:
+        if not todo:
+            return None
+        retriever = Retriever(passage_list, config.retrieve, progress=progress)
+        retriever.build()
+        position = {p.id: i for i, p in enumerate(passage_list)}
+        for lo in range(0, len(todo), config.query_chunk):
+            chunk = todo[lo : lo + config.query_chunk]
+            _relabel_chunk(chunk, retriever, scorer, score_groups, position, config, journal, key, times, bar)
+        return retriever
+    except BudgetExceeded as err:
+        raise BudgetExceeded(f"relabel stopped: {err}; {len(journal)} of {len(records)} queries are journaled in "
+                             f"{journal.path}: rerun with a higher max_cost to go on (cached calls cost nothing)") from None
+    finally:
+        bar.close()
+        journal.close()
+
+
+def _assemble(records: list[GeneratedRecord], entries: dict[str, dict], passages: dict[str, Passage],
+              config: RelabelConfig, fusion: str, summary: RelabelSummary) -> list[dict]:
+    """The output rows from the journal's raw scores; skips and statistics go into `summary`."""
+    rows: list[dict] = []
+    stats = ScoreStats()
+    for r in records:
+        example, reason, signals = build_example(r, entries[r.id], passages, config, fusion)
+        if example is None:
+            summary.skipped[reason] += 1
+            continue
+        stats.add(example, signals, entries[r.id]["candidates"])
+        if config.drop_easy_margin is not None and is_easy(example, config.drop_easy_margin):
+            summary.skipped["easy"] += 1
+            continue
+        summary.examples += 1
+        summary.positive_changed += example.positive_changed
+        summary.likely_false_negatives += len(example.likely_false_negatives)
+        rows.append(asdict(example))
+    stats.fill(summary)
+    return rows
 
 
 def _relabel_chunk(
@@ -600,7 +634,10 @@ def _relabel_chunk(
     times: Counter,
     bar,
 ) -> None:
-    """Retrieve and score one chunk of queries; each query is journaled when its last pair is scored."""
+    """Retrieve and score one chunk of queries; each query is journaled when its last pair is scored.
+
+    A query with a score that is not finite stops the run (`InvalidScore`) or, with `lenient`,
+    is journaled as invalid and skipped when the output is assembled: NaN never reaches a file."""
     q_emb = retriever.embed_queries([config.retrieve.query_text(r.task, r.query) for r in chunk])
     scores, idx = retriever.search(q_emb, config.top_n)
     seed_emb = retriever.embed_passages([position[r.seed_id] for r in chunk])
@@ -621,13 +658,21 @@ def _relabel_chunk(
         seed_score = float(seed_scores[q])
         others = [found[q][i] for i in ids if i != seed]
         margin = seed_score - (max(others) if others else seed_score)
-        journal.add(r.id, {
+        entry = {
             "score_key": key,
             "candidates": [[retriever.passages[i].id, float(found[q][i]), *results[q][i].to_list()] for i in ids],
             "seed_rank": seed_rank,
             "seed_score": seed_score,
             "seed_margin": margin,
-        })
+        }
+        problems = ((retriever.passages[i].id, results[q][i].not_finite()) for i in ids)
+        invalid = next((f"query {r.id!r}, passage {pid!r}: {what}" for pid, what in problems if what), None)
+        if invalid and not config.lenient:
+            raise InvalidScore(f"{getattr(scorer.llm, 'identity', '?')} gave a score that is not finite ({invalid}); "
+                               f"lenient: true skips and counts such queries")
+        if invalid:
+            entry.update(candidates=[], invalid=invalid)
+        journal.add(r.id, entry)
         bar.update(1)
 
     for q, ids in enumerate(cands):

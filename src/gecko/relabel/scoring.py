@@ -13,25 +13,47 @@ together, so a backend that keeps KV state evaluates that passage once.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
 from gecko.corpus import Passage
-from gecko.llm.base import LLM, JointRequest, LLMError, label_logprobs_many, score_and_label
+from gecko.llm.base import LLM, JointRequest, LabelScores, LLMError, label_logprobs_many, score_and_label
+from gecko.options import option
 from gecko.prompts import PAIR_PROMPT_STYLES, PairPrompt, pair_prompt
 
 QL_NORMS = ("sum", "mean")
 RC_SCORES = ("logodds", "yes")
+# PairScore fields that must be finite where present (NaN and ±inf are no log-probability, nor JSON)
+FINITE_FIELDS = {"ql_sum": "QL", "logp_relevant": "log P(relevant label)", "logp_other": "log P(other label)",
+                 "label_floor": "the label floor"}
+
+
+def labels_option(text: str) -> tuple[str, str]:
+    """`--labels Yes/No`: the RC labels, each after a space as the LLM writes it."""
+    relevant, sep, other = text.partition("/")
+    if not sep or not relevant.strip() or not other.strip():
+        raise ValueError(text)  # argparse names the option, the value and the form wanted
+    return " " + relevant.strip(), " " + other.strip()
+
+
+labels_option.__name__ = "RELEVANT/OTHER (e.g. Yes/No)"
+
+
+class InvalidScore(LLMError):
+    """The LLM backend answered a scoring call with something that is not a score: a missing
+    label, too few or too many scores, or a value that is not finite."""
 
 
 @dataclass(frozen=True)
 class ScoreConfig:
-    prompt_style: str = "joint"
-    labels: tuple[str, str] = (" Yes", " No")
-    question: str = "\nRelevant:"
-    max_passage_words: int = 200
-    ql_norm: str = "sum"
-    rc_score: str = "logodds"
+    prompt_style: str = option("joint", "joint: QL and RC from one pass per candidate; ql: QL only; rc-query-first: RC only",
+                               choices=PAIR_PROMPT_STYLES)
+    labels: tuple[str, str] = option((" Yes", " No"), "RC labels RELEVANT/OTHER (one word each)", type=labels_option)
+    question: str = option("\nRelevant:", cli=False)
+    max_passage_words: int = option(200, "passages are cut to this many words in LLM prompts")
+    ql_norm: str = option("sum", "QL: sum of query token log-probs, or per token", choices=QL_NORMS)
+    rc_score: str = option("logodds", "RC: log P(relevant) - log P(other), or log P(relevant) alone", choices=RC_SCORES)
 
     def __post_init__(self):
         if self.prompt_style not in PAIR_PROMPT_STYLES:
@@ -96,6 +118,14 @@ class PairScore:
             return "unknown"
         return "lower" if self.logp_other is None else "upper" if self.logp_relevant is None else None
 
+    def not_finite(self) -> str | None:
+        """What is NaN or infinite here ("QL nan"), else None."""
+        for name, what in FINITE_FIELDS.items():
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                return f"{what} {value}"
+        return None
+
     def to_list(self) -> list:
         values = [self.ql_sum, self.ql_tokens, self.logp_relevant, self.logp_other]
         return values if self.label_floor is None else [*values, self.label_floor]
@@ -142,25 +172,41 @@ class PairScorer:
             if prompt.rc:
                 requests = [JointRequest(c, q, question, prompt.labels) for c, q, question in rendered]
                 flat = []
-                for s in score_and_label(self.llm, prompt.prefix, requests):
-                    rel, other = (s.labels.logprobs[label] for label in prompt.labels)
+                for s in self._answers(score_and_label(self.llm, prompt.prefix, requests), len(rendered)):
+                    rel, other = self._labels(s.labels)
                     flat.append(PairScore(s.continuation.total, len(s.continuation.logprobs), rel, other))
             else:  # QL only: one score call per query (the prefix holds the passage)
                 flat = []
                 for c, q, _ in rendered:
-                    (s,) = self.llm.score(prompt.prefix + c, [q])
+                    (s,) = self._answers(self.llm.score(prompt.prefix + c, [q]), 1)
                     flat.append(PairScore(s.total, len(s.logprobs), None, None))
         else:
             texts = [prompt.prefix + c + q + question for c, q, question in rendered]
             flat = []
-            for labels in label_logprobs_many(self.llm, texts, list(prompt.labels)):
-                rel, other = (labels.logprobs.get(label) for label in prompt.labels)
+            for labels in self._answers(label_logprobs_many(self.llm, texts, list(prompt.labels)), len(texts)):
+                rel, other = self._labels(labels)
                 flat.append(PairScore(None, 0, rel, other, labels.floor))
         out, start = [], 0
         for _, queries in groups:
             out.append(flat[start : start + len(queries)])
             start += len(queries)
         return out
+
+    def _answers(self, answers: Sequence, expected: int) -> list:
+        """The backend's answers, one per pair sent (a miscount would shift every later pair's scores)."""
+        answers = list(answers)
+        if len(answers) != expected:
+            raise InvalidScore(f"{self.llm.identity}: {len(answers)} scores for {expected} (query, passage) pairs")
+        return answers
+
+    def _labels(self, labels: LabelScores) -> tuple[float | None, float | None]:
+        """(relevant, other); a label may be absent only from a top-k list (one with a floor)."""
+        wanted = self.prompt.labels
+        missing = [label for label in wanted if label not in labels.logprobs]
+        if missing and labels.floor is None:
+            raise InvalidScore(f"{self.llm.identity}: no log-probability for label(s) {missing} "
+                               f"(got {sorted(labels.logprobs)})")
+        return labels.logprobs.get(wanted[0]), labels.logprobs.get(wanted[1])
 
 
 def naive_score(llm: LLM, passage: Passage, query: str, config: ScoreConfig = ScoreConfig()) -> PairScore:

@@ -39,14 +39,16 @@ from typing import Iterator
 from gecko.corpus import Passage
 from gecko.generate import GenerateConfig, GenerateSummary, derive_seed, generate_batch, run_generate
 from gecko.journal import write_json_atomic, write_jsonl_atomic
-from gecko.llm import LLMError, default_cache_path, parse_spec
+from gecko.llm import LLMError, LLMSpec, Price, default_cache_path
 from gecko.llm.cache import CachedLLM, LLMCache
+from gecko.llm.usage import BudgetExceeded, check_budget, price_for
 from gecko.models import DEFAULT
 from gecko.relabel.run import Group, RelabelConfig, RelabelSummary, run_relabel
 from gecko.relabel.scoring import PairScore, PairScorer, ScoreConfig
 
-COUNTERS = ("backend_calls", "cache_hits", "tokens_in", "tokens_out", "evaluated_tokens")
+COUNTERS = ("backend_calls", "cache_hits", "tokens_in", "tokens_out", "batch_tokens_in", "batch_tokens_out", "evaluated_tokens")
 FORMATS = (".jsonl", ".parquet")
+ADAPTED = ("chat", "ql_missing", "rc_missing")  # what the stages read off the LLM to adapt to it
 
 
 class ScaleError(LLMError):
@@ -144,9 +146,12 @@ class _ScoreWorker(_Worker):
         return {"result": [json.dumps({"scores": scores, **self.drain()}, ensure_ascii=False)]}
 
 
-def _probe(specs: list[str], options: dict) -> str:
-    """Runs on the cluster: opens the backend where the actors will, and names it."""
-    return _open_llms(specs[:1], None, options)[0].identity
+def _probe(specs: list[str], options: dict) -> dict:
+    """Runs on the cluster: opens the backend where the actors will; its identity, served model name
+    and what the stages adapt to (a chat-only server: the chat prompt, no QL)."""
+    backend = _open_llms(specs[:1], None, options)[0].backend
+    return {"identity": backend.identity, "model": getattr(backend, "model", None),
+            **{name: getattr(backend, name, None) for name in ADAPTED}}
 
 
 # ---------------------------------------------------------------- the driver side
@@ -154,22 +159,20 @@ def _probe(specs: list[str], options: dict) -> str:
 
 def _llm_specs(spec: str) -> list[str]:
     """`openai:URL1,URL2#MODEL` → one spec per server; any other spec stays one."""
-    kind, target = parse_spec(spec)
-    if kind != "openai":
-        return [spec]
-    urls, _, model = target.partition("#")
-    return [f"openai:{url.strip()}#{model}" for url in urls.split(",") if url.strip()]
+    parsed = LLMSpec.parse(spec)
+    return [f"openai:{url}#{parsed.model}" for url in parsed.urls] if parsed.kind == "openai" else [spec]
 
 
 def _backend_options(spec: str, config: RayConfig) -> dict:
-    local = spec == DEFAULT or spec.startswith("llamacpp:")
+    local = LLMSpec.parse(spec).kind in (DEFAULT, "llamacpp")
     return ({"n_threads": max(1, int(config.num_cpus))} if local else {}) | config.llm_options
 
 
 class _Cluster:
     """The connection, the LLM's identity and the actor pool settings for one run."""
 
-    def __init__(self, spec: str, config: RayConfig, cache: Path):
+    def __init__(self, spec: str, config: RayConfig, cache: Path, prices: dict[str, Price] | None = None,
+                 max_cost: float | None = None):
         import ray
 
         self.ray = ray
@@ -179,14 +182,17 @@ class _Cluster:
         if not self.specs:
             raise ScaleError(f"--llm {spec!r}: no server URL")
         resources = {"num_cpus": config.num_cpus, "num_gpus": config.num_gpus}
-        identity = ray.get(ray.remote(**resources, max_retries=3)(_probe).remote(self.specs, self.options))
+        probed = ray.get(ray.remote(**resources, max_retries=3)(_probe).remote(self.specs, self.options))
+        identity, model = probed["identity"], probed["model"]
         if len(self.specs) > 1:  # the model name the first server reported, for every server
-            model = identity.partition("#")[2]
-            urls = [s.removeprefix("openai:").rpartition("#")[0] for s in self.specs]
+            mode = identity.partition("#")[2].removeprefix(model)  # "@chat" / "@chat-rc": what the probe chose
+            urls = LLMSpec.parse(spec).urls
             self.specs = [f"openai:{url}#{model}" for url in urls]
-            identity = f"openai:{','.join(urls)}#{model}"
+            identity = f"openai:{','.join(urls)}#{model}{mode}"
         self.identity = identity
-        self.llm = _RemoteLLM(identity)
+        self.llm = _RemoteLLM(identity, model, prices or {}, max_cost)
+        for name in ADAPTED:
+            setattr(self.llm, name, probed[name])
         self.cache = LLMCache(cache)
         self.duplicates = 0
         available = ray.cluster_resources()
@@ -215,21 +221,38 @@ class _Cluster:
         for row in ds.iter_rows():
             result = json.loads(row["result"])
             self.cache.put_many(result.pop("cache"))
-            for name, value in result.pop("stats").items():
-                setattr(self.llm, name, getattr(self.llm, name) + value)
-            yield result
+            self.llm.add(result.pop("stats"))
+            yield result  # journaled by the stage before the budget may stop it
+            self.llm.check_budget()
 
     def settings(self) -> dict:
         return {"kind": "ray", "actors": self.actors, **{k: v for k, v in asdict(self.config).items() if k != "actors"}}
 
 
 class _RemoteLLM:
-    """The driver's stand-in for the actors' LLM: its identity (keys, records) and summed counters."""
+    """The driver's stand-in for the actors' LLM: its identity (keys, records), what the probe found
+    (`ADAPTED`), summed counters and
+    the estimated cost of their tokens. Past `max_cost` the stage stops once the batch that passed it
+    is journaled (the actors' batches run concurrently: a check before each call, as locally, would
+    need the driver in every call)."""
 
-    def __init__(self, identity: str):
-        self.identity = identity
+    def __init__(self, identity: str, model: str | None, prices: dict[str, Price], max_cost: float | None):
+        self.identity, self.model, self.max_cost = identity, model, max_cost
+        self.price = price_for(prices, self)
+        check_budget(max_cost, self.price, self)
         for name in COUNTERS:
             setattr(self, name, 0)
+        self.cost = 0.0 if self.price is not None else None
+
+    def add(self, stats: dict[str, int]) -> None:
+        for name, value in stats.items():
+            setattr(self, name, getattr(self, name) + value)
+        if self.price is not None:
+            self.cost += self.price.cost(stats["tokens_in"], stats["tokens_out"], stats["batch_tokens_in"], stats["batch_tokens_out"])
+
+    def check_budget(self) -> None:
+        if self.max_cost is not None and self.cost >= self.max_cost:
+            raise BudgetExceeded(f"the budget is spent: estimated ${self.cost:.4f} of max_cost ${self.max_cost:g}")
 
 
 def _check_complete(what: str, expected: set, seen: set) -> None:
@@ -383,14 +406,17 @@ def run_generate_ray(
     limit: int | None = None,
     lenient: bool = False,
     progress: bool = True,
+    prices: dict[str, Price] | None = None,
+    max_cost: float | None = None,
 ) -> GenerateSummary:
     """`run_generate` with the LLM on Ray actors; `out` (NAME.jsonl or NAME.parquet) becomes a shard folder.
 
-    `llm` is a spec (`default`, `llamacpp:PATH`, `openai:URL[,URL...]#MODEL`): each actor opens it."""
+    `llm` is a spec (`default`, `llamacpp:PATH`, `openai:URL[,URL...]#MODEL`): each actor opens it.
+    `prices` (by model name) and `max_cost` as in `load_llm`: the cost is estimated on the driver."""
     out = Path(out)
     _check_out(out)
     with _connected(ray_config, progress):
-        cluster = _Cluster(llm, ray_config, Path(cache or default_cache_path()))
+        cluster = _Cluster(llm, ray_config, Path(cache or default_cache_path()), prices, max_cost)
         writer = _ShardWriter("generate", cluster, {"corpus": str(corpus), "limit": limit, **asdict(config)})
         return run_generate(corpus, out, cluster.llm, config, limit=limit, lenient=lenient, progress=progress,
                             engine=_GenerateOnRay(cluster), write=writer)
@@ -408,6 +434,8 @@ def run_relabel_ray(
     limit: int | None = None,
     progress: bool = True,
     corpus_options: dict | None = None,
+    prices: dict[str, Price] | None = None,
+    max_cost: float | None = None,
 ) -> RelabelSummary:
     """`run_relabel` with retrieval on the driver and the LLM scoring on Ray actors; `out` becomes a
     shard folder. Each `config.query_chunk` of queries is one Ray Data run (actors load the LLM
@@ -415,7 +443,7 @@ def run_relabel_ray(
     out = Path(out)
     _check_out(out)
     with _connected(ray_config, progress):
-        cluster = _Cluster(llm, ray_config, Path(cache or default_cache_path()))
+        cluster = _Cluster(llm, ray_config, Path(cache or default_cache_path()), prices, max_cost)
         writer = _ShardWriter("relabel", cluster, {"generated": str(generated), "corpus": str(corpus), "limit": limit,
                                                     **asdict(config)})
         return run_relabel(generated, corpus, out, cluster.llm, config, limit=limit, progress=progress,

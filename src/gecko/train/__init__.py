@@ -24,8 +24,18 @@ from gecko.train.data import (
     load_source,
     to_columns,
 )
-from gecko.train.loss import GeckoCachedLoss, GeckoLoss, bucketed_embed, gecko_row_losses
 from gecko.train.run import TrainError, complete_checkpoints, default_dims, saved_prompts, train
+
+_LOSS = ("GeckoCachedLoss", "GeckoLoss", "bucketed_embed", "gecko_row_losses")
+
+
+def __getattr__(name: str):
+    """The losses import torch and sentence-transformers: loaded when first used, so the CLI starts fast."""
+    if name in _LOSS:
+        from gecko.train import loss
+
+        return getattr(loss, name)
+    raise AttributeError(f"module 'gecko.train' has no attribute {name!r}")
 
 __all__ = [
     "DataSpec",

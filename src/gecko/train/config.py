@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from gecko.models import DEFAULT
+from gecko.options import numbers, option
 
 
 @dataclass
@@ -64,66 +65,77 @@ class DataSpec:
         return cls(path=path, weight=weight, name=name)
 
 
+# per-candidate scores of `gecko relabel` a listwise teacher can use; ql+retriever is their product
+# of experts, the continuous counterpart of relabel's default fusion (see `gecko.train.data.teacher_score`)
+TEACHERS = ("ql", "fused", "retriever", "ql+retriever")
+HARD_NEGATIVES = ("own", "batch", "none")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+SOURCES = "[NAME=]PATH[:WEIGHT]"
+
+
 @dataclass
 class StageConfig:
     """The optional pre-finetuning stage: pairs only, in-batch negatives only (no hard negatives,
     no same-tower negatives), before fine-tuning from the same config. Unset fields inherit."""
 
-    data: list[DataSpec]
-    steps: int | None = None
-    epochs: float = 1.0
-    batch_size: int | None = None
-    lr: float | None = None
+    data: list[DataSpec] = option(help="repeatable: pre-finetuning stage on pairs, in-batch negatives only, before fine-tuning",
+                                  metavar=SOURCES)
+    steps: int | None = option(None, "optimizer steps of the pre-finetuning stage (overrides its epochs)")
+    epochs: float = option(1.0, "epochs of the pre-finetuning stage")
+    batch_size: int | None = option(None, "per device (default: the fine-tuning's)")
+    lr: float | None = option(None, "learning rate (default: the fine-tuning's)")
 
 
 @dataclass
 class TrainConfig:
     """Everything a `gecko train` run needs; `train(config)` returns the model folder."""
 
-    data: list[DataSpec]
-    out: str
-    base: str = DEFAULT  # sentence-transformers folder, or default = packaged all-MiniLM-L6-v2
-    dims: list[int] | None = None  # Matryoshka dims (default: full, 256, 128, 64 below full)
-    dim_weights: list[float] | None = None
-    epochs: float = 1.0
-    steps: int | None = None  # overrides epochs
-    batch_size: int = 32  # per device
-    lr: float = 2e-5
-    warmup: float = 0.1  # fraction of steps (< 1) or a number of steps
-    weight_decay: float = 0.01
-    max_seq_length: int | None = None  # default: the base model's
-    temperature: float = 0.05
-    same_tower: bool = True
-    # Gecko's task prompts on the inputs (the paper); False: plain texts and no saved prompts, as
-    # a prompt-less base (all-MiniLM-L6-v2) was trained and as MTEB embeds it
-    prompts: bool = True
-    hard_negatives: str = "own"  # own | batch | none
-    homogeneous: bool = False  # every batch from one source
-    examples_per_epoch: int | None = None
-    mini_batch_size: int | None = None  # GradCache (cached loss) with this many rows per forward
-    # listwise distillation (gecko.train.loss.ListwiseDistillLoss): weight of KL(teacher || student)
-    # over each relabeled query's candidates (0 = off; needs the data's `corpus`); the teacher's
-    # score (ql | fused | retriever | ql+retriever), its softmax temperature, and how many texts per list
-    distill_weight: float = 0.0
-    distill_teacher: str = "ql"
+    data: list[DataSpec] = option(
+        help="repeatable: examples .jsonl/.parquet (task, query, positive[, negative]), an STS folder/.tsv, a classification "
+        "folder/.csv or a BEIR folder (train qrels); WEIGHT = uses per example per epoch (default 1)", metavar=SOURCES)
+    out: str = option(help="output folder: the trained sentence-transformers model, card, loss plot")
+    base: str = option(DEFAULT, "model to start from: sentence-transformers folder or default (packaged MiniLM)")
+    dims: list[int] | None = option(None, "Matryoshka dims, e.g. 384,256,128,64 (default: full, 256, 128, 64)", type=numbers(int))
+    dim_weights: list[float] | None = option(None, "loss weight per Matryoshka dim, e.g. 1,1,1,1 (default: equal)",
+                                             type=numbers(float))
+    epochs: float = option(1.0, "passes over the data")
+    steps: int | None = option(None, "optimizer steps (overrides --epochs)")
+    batch_size: int = option(32, "per device")
+    lr: float = option(2e-5, "learning rate")
+    warmup: float = option(0.1, "warm-up: fraction of steps (< 1) or steps")
+    weight_decay: float = option(0.01, "AdamW's weight decay")
+    max_seq_length: int | None = option(None, "tokens per text (default: the base model's)")
+    temperature: float = option(0.05, "softmax temperature")
+    same_tower: bool = option(True, "leave the other queries out of the denominator")
+    prompts: bool = option(True, "train on plain texts, without Gecko's task prompts, and save none (as MTEB embeds a prompt-less base)")
+    hard_negatives: str = option("own", "own: each query's own (the paper, default); batch: every row's; none: ignore negatives",
+                                 choices=HARD_NEGATIVES)
+    homogeneous: bool = option(False, "every batch from one data source")
+    examples_per_epoch: int | None = option(None, "rescale the weighted mixture to this many")
+    mini_batch_size: int | None = option(None, "GradCache: embed this many rows at a time (large batches)")
+    # listwise distillation (gecko.train.loss.ListwiseDistillLoss) over each relabeled query's candidates
+    distill_weight: float = option(0.0, "weight of the listwise KL(LLM teacher || student) term over each query's candidates "
+                                   "(0: off; needs the data's corpus)")
+    distill_teacher: str = option("ql", "the teacher's score", choices=TEACHERS)
     # QL sums log-probabilities over the query: on the demo's relabel output the top-1 / top-2 gap
     # is 6 nats and the top-to-last spread 16 (medians), so t_r = 5 gives a soft, not one-hot, target
-    distill_temperature: float = 5.0
-    distill_list: int = 8
-    gather_across_devices: bool = True  # under DDP: negatives from every device
-    bucketed: bool = True  # length-sorted chunked forward (see gecko.train.loss)
-    pretrain: StageConfig | None = None
-    save_steps: int = 100
-    save_total_limit: int = 2
-    logging_steps: int = 10
-    seed: int = 0
-    resume: bool = False
-    eval_tasks: list[str] = field(default_factory=list)  # NAME=PATH as for `gecko eval`, run after training
-    eval_baseline: bool = False  # also score the base model, for a delta column
-    device: str | None = None  # cpu | cuda | None (cuda when available)
-    precision: str = "auto"  # auto (bf16 on a GPU that has it) | fp32 | bf16 | fp16
-    progress: bool = True
-    keep_checkpoints: bool = False
+    distill_temperature: float = option(5.0, "the teacher's softmax temperature")
+    distill_list: int = option(8, "texts per query in the KL term")
+    gather_across_devices: bool = option(True, "under DDP: negatives from this device only, not gathered from every device")
+    bucketed: bool = option(True, "no length-sorted chunked forward (see gecko.train.loss)")
+    pretrain: StageConfig | None = option(None, cli=False)  # its options are StageConfig's, --pretrain-*
+    save_steps: int = option(100, "checkpoint every N steps")
+    save_total_limit: int = option(2, "checkpoints kept")
+    logging_steps: int = option(10, "log the loss every N steps")
+    seed: int = option(0, "seed of the data mixture, its order and the Trainer")
+    resume: bool = option(False, "continue the run in --out from its last checkpoint")
+    eval_tasks: list[str] = option([], "repeatable: score the trained model with gecko eval after training (numbers go in the "
+                                   "card)", flag="--eval-task", metavar="NAME=PATH")
+    eval_baseline: bool = option(False, "also score the base model (a delta column in the card)")
+    device: str | None = option(None, "cpu or cuda (default: cuda when available)")
+    precision: str = option("auto", "auto: bf16 on a GPU that has it", choices=PRECISIONS)
+    progress: bool = option(True, "no progress bar")
+    keep_checkpoints: bool = option(False, "keep OUT/.train (checkpoints) after finishing")
 
     def __post_init__(self):
         self.data = [d if isinstance(d, DataSpec) else DataSpec.parse(d) if isinstance(d, str) else DataSpec(**d) for d in self.data]
@@ -134,7 +146,7 @@ class TrainConfig:
                                   for d in self.pretrain.data]
         if not self.data:
             raise ValueError("no training data (give at least one --data)")
-        if self.hard_negatives not in ("own", "batch", "none"):
+        if self.hard_negatives not in HARD_NEGATIVES:
             raise ValueError(f"hard_negatives must be own, batch or none, got {self.hard_negatives!r}")
         if self.batch_size < 2:
             raise ValueError("batch_size must be at least 2 (in-batch negatives)")
@@ -148,13 +160,11 @@ class TrainConfig:
                 raise ValueError(f"dims must be positive integers, got {self.dims}")
             if self.dim_weights is not None and len(self.dim_weights) != len(self.dims):
                 raise ValueError("dim_weights must have one weight per dim")
-        from gecko.train.data import TEACHERS
-
         if self.distill_weight < 0 or self.distill_teacher not in TEACHERS or self.distill_list < 2:
             raise ValueError(f"distill: weight must be >= 0, teacher one of {', '.join(TEACHERS)}, list at least 2")
         if self.distill_weight and self.mini_batch_size:
             raise ValueError("distill_weight does not combine with mini_batch_size (GradCache) yet")
-        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+        if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
         self.out = str(self.out)
 

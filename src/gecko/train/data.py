@@ -44,11 +44,6 @@ class TrainDataError(ValueError):
     """Training data that cannot be used as given; the message names the file and line."""
 
 
-# per-candidate scores of `gecko relabel` a listwise teacher can use; ql+retriever is their product
-# of experts, the continuous counterpart of relabel's default fusion (see `teacher_score`)
-TEACHERS = ("ql", "fused", "retriever", "ql+retriever")
-
-
 def teacher_score(scores: dict[str, float | None], teacher: str, retriever_weight: float) -> float | None:
     """One candidate's teacher score. ql+retriever = QL + retriever_weight x cosine: with
     retriever_weight = t_r / t_s the teacher's softmax at t_r is the product of QL's softmax at t_r

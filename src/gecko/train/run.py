@@ -60,14 +60,14 @@ def saved_prompts(prompts: bool = True) -> dict[str, str]:
     and `gecko eval --prompts model` does. No default prompt is set, so `model.encode(x)` embeds x
     as given. A model trained without prompts (`TrainConfig.prompts` off) saves none.
     """
-    from gecko.evaluate.tasks import KNOWN_TASKS, RetrievalTask
+    from gecko.evaluate.tasks import KNOWN_TASKS
 
     if not prompts:
         return {}
 
     prompts = {"query": query_prompt(GENERIC_QUERY_TASK), "document": DOCUMENT_PROMPT}
     for name, known in KNOWN_TASKS.items():
-        if issubclass(known.cls, RetrievalTask):
+        if not known.cls.symmetric:  # a query and its documents: the task's own query prompt
             prompts[name] = query_prompt(known.prompt)
     return prompts
 
@@ -304,26 +304,9 @@ def _callbacks(events: EventLog, stage: str, examples_per_step: int, progress: b
     return GeckoProgress()
 
 
-def _run_stage(
-    name: str,
-    config: TrainConfig,
-    *,
-    base: str,
-    sources: list[SourceData],
-    steps: int | None,
-    epochs: float,
-    batch_size: int,
-    lr: float,
-    same_tower: bool,
-    hard_negatives: str,
-    stage_dir: Path,
-    events: EventLog,
-):
-    import torch
-    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainingArguments
-    from sentence_transformers.base.sampler import BatchSamplers, MultiDatasetBatchSamplers
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
+def _stage_data(name: str, config: TrainConfig, sources: list[SourceData], hard_negatives: str):
+    """(the mixture, its dataset, whether the loss reads negative counts, the negative columns,
+    whether the listwise term is on)."""
     if hard_negatives == "none":  # pairs only: do not embed negatives the loss ignores
         for source in sources:
             for example in source.examples:
@@ -337,10 +320,16 @@ def _run_stage(
         mixture, homogeneous=config.homogeneous, hard_negatives=hard_negatives, seed=config.seed,
         listwise=config.distill_list if distill else 0, teacher=config.distill_teacher,
         retriever_weight=config.distill_temperature / config.temperature)
+    return mixture, dataset, uses_counts, negatives, distill
 
-    device = config.device
-    use_cpu = device == "cpu" or (device is None and not torch.cuda.is_available())
-    model = SentenceTransformer(resolve_embedder(base), device="cpu" if use_cpu else device)
+
+def _load_model(base: str, config: TrainConfig):
+    """(the model to train, whether it runs on the CPU, the base model's max_seq_length)."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    use_cpu = config.device == "cpu" or (config.device is None and not torch.cuda.is_available())
+    model = SentenceTransformer(resolve_embedder(base), device="cpu" if use_cpu else config.device)
     base_max_seq_length = model.max_seq_length
     if config.max_seq_length:
         model.max_seq_length = config.max_seq_length
@@ -349,26 +338,21 @@ def _run_stage(
     for param_name, param in model.named_parameters():
         if ".pooler." in param_name:
             param.requires_grad_(False)
-    full = model.get_embedding_dimension()
-    dims = config.dims or default_dims(full)
-    if dims[0] > full:
-        raise TrainError(f"dims {dims}: the base model has {full} dimensions")
-    loss, inner = _make_loss(model, config, same_tower=same_tower, hard_negatives=hard_negatives, uses_counts=uses_counts,
-                             dims=dims, homogeneous=config.homogeneous, distill_negatives=negatives if distill else None)
+    return model, use_cpu, base_max_seq_length
+
+
+def _training_args(config: TrainConfig, checkpoints: Path, params: dict, *, drop_last: bool, use_cpu: bool, precision: str):
+    """The Trainer's arguments: `params` are the stage's steps, epochs, batch size and learning rate."""
+    from sentence_transformers import SentenceTransformerTrainingArguments
+    from sentence_transformers.base.sampler import BatchSamplers, MultiDatasetBatchSamplers
 
     world = _world()
-    total = mixture.total
-    drop_last = total >= batch_size * world
-    precision = config.precision
-    if precision == "auto":
-        precision = "bf16" if (not use_cpu and torch.cuda.is_bf16_supported()) else "fp32"
-    checkpoints = stage_dir / "checkpoints"
-    args = SentenceTransformerTrainingArguments(
+    return SentenceTransformerTrainingArguments(
         output_dir=str(checkpoints),
-        per_device_train_batch_size=batch_size,
-        learning_rate=lr,
-        num_train_epochs=epochs,
-        max_steps=steps if steps else -1,
+        per_device_train_batch_size=params["batch_size"],
+        learning_rate=params["lr"],
+        num_train_epochs=params["epochs"],
+        max_steps=params["steps"] or -1,
         warmup_steps=config.warmup if config.warmup < 1 else int(config.warmup),
         weight_decay=config.weight_decay,
         lr_scheduler_type="linear",
@@ -390,26 +374,67 @@ def _run_stage(
         ddp_backend="gloo" if (use_cpu and world > 1) else None,
         ddp_find_unused_parameters=False if world > 1 else None,
     )
+
+
+def _resume_point(checkpoints: Path) -> Path | None:
+    """The newest complete checkpoint (rank 0 first removes incomplete ones)."""
+    if _rank() == 0:
+        _drop_incomplete(checkpoints)
+    _barrier()
+    found = complete_checkpoints(checkpoints)
+    return found[-1] if found else None
+
+
+def _loss_record(config: TrainConfig, inner, dims: list[int], *, hard_negatives: str, same_tower: bool, distill: bool) -> dict:
+    """The loss as training.json and the model card describe it."""
+    negatives = {"own": ", own hard negatives", "batch": ", all in-batch hard negatives"}.get(hard_negatives, "")
+    listwise = (f"; + {config.distill_weight:g} x KL(teacher {config.distill_teacher} || student) over {config.distill_list} "
+                "candidates per query" if distill else "")
+    return {
+        "name": type(inner).__name__,
+        "formula": "softmax cross-entropy over in-batch positives" + negatives
+        + (", same-tower (other queries)" if same_tower else "") + listwise,
+        **inner.get_config_dict(),
+        "matryoshka_dims": dims,
+        "matryoshka_weights": list(config.dim_weights or [1.0] * len(dims)),
+    }
+
+
+def _run_stage(name: str, config: TrainConfig, *, base: str, sources: list[SourceData], params: dict, same_tower: bool,
+               hard_negatives: str, stage_dir: Path, events: EventLog):
+    """One stage (pretrain or finetune) from its data to its StageResult; `params` as `_stage_params` gives them."""
+    import torch
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    mixture, dataset, uses_counts, negatives, distill = _stage_data(name, config, sources, hard_negatives)
+    model, use_cpu, base_max_seq_length = _load_model(base, config)
+    full = model.get_embedding_dimension()
+    dims = config.dims or default_dims(full)
+    if dims[0] > full:
+        raise TrainError(f"dims {dims}: the base model has {full} dimensions")
+    loss, inner = _make_loss(model, config, same_tower=same_tower, hard_negatives=hard_negatives, uses_counts=uses_counts,
+                             dims=dims, homogeneous=config.homogeneous, distill_negatives=negatives if distill else None)
+
+    world, batch_size = _world(), params["batch_size"]
+    precision = config.precision
+    if precision == "auto":
+        precision = "bf16" if (not use_cpu and torch.cuda.is_bf16_supported()) else "fp32"
+    checkpoints = stage_dir / "checkpoints"
+    args = _training_args(config, checkpoints, params, drop_last=mixture.total >= batch_size * world, use_cpu=use_cpu,
+                          precision=precision)
     progress = _callbacks(events, name, batch_size * world, config.progress)
     trainer = _trainer_class()(model=model, args=args, train_dataset=dataset, loss=loss, callbacks=[progress])
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
 
-    resume_from = None
-    if config.resume:
-        if _rank() == 0:
-            _drop_incomplete(checkpoints)
-        _barrier()
-        found = complete_checkpoints(checkpoints)
-        resume_from = found[-1] if found else None
+    resume_from = _resume_point(checkpoints) if config.resume else None
     resumed_step = int(resume_from.name.split("-", 1)[1]) if resume_from else None
     events.write("resume" if resume_from else "start", stage=name, resumed_from=resumed_step,
-                 checkpoint=str(resume_from) if resume_from else None, examples=total, world_size=world)
+                 checkpoint=str(resume_from) if resume_from else None, examples=mixture.total, world_size=world)
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     seconds = time.perf_counter() - start
-    steps_run = trainer.state.global_step - (resumed_step or 0)
-    examples = steps_run * batch_size * world
+    examples = (trainer.state.global_step - (resumed_step or 0)) * batch_size * world
     result = StageResult(
         name=name,
         steps=trainer.state.global_step,
@@ -420,23 +445,13 @@ def _run_stage(
         log_history=list(trainer.state.log_history),
         mixture=mixture.counts(),
         sources=[s.describe() for s in mixture.sources],
-        loss={
-            "name": type(inner).__name__,
-            "formula": "softmax cross-entropy over in-batch positives"
-            + (", own hard negatives" if hard_negatives == "own" else ", all in-batch hard negatives" if hard_negatives == "batch" else "")
-            + (", same-tower (other queries)" if same_tower else "")
-            + (f"; + {config.distill_weight:g} x KL(teacher {config.distill_teacher} || student) over {config.distill_list} "
-               "candidates per query" if distill else ""),
-            **inner.get_config_dict(),
-            "matryoshka_dims": dims,
-            "matryoshka_weights": list(config.dim_weights or [1.0] * len(dims)),
-        },
+        loss=_loss_record(config, inner, dims, hard_negatives=hard_negatives, same_tower=same_tower, distill=distill),
         args={
             "batch_size_per_device": batch_size,
             "world_size": world,
-            "learning_rate": lr,
-            "epochs": epochs,
-            "max_steps": steps,
+            "learning_rate": params["lr"],
+            "epochs": params["epochs"],
+            "max_steps": params["steps"],
             "warmup": config.warmup,
             "weight_decay": config.weight_decay,
             "max_seq_length": model.max_seq_length,
@@ -515,10 +530,9 @@ def train(config: TrainConfig) -> Path:
             results.append(StageResult(**{**saved, "skipped": True}))
             events.write("skip", stage="pretrain", reason="finished earlier")
         else:
-            params = _stage_params(config, config.pretrain)
-            result, trainer, model = _run_stage("pretrain", config, base=base, sources=pretrain_sources, same_tower=False,
-                                                hard_negatives="none",
-                                                stage_dir=pre_dir, events=events, **params)
+            result, trainer, model = _run_stage("pretrain", config, base=base, sources=pretrain_sources,
+                                                params=_stage_params(config, config.pretrain), same_tower=False,
+                                                hard_negatives="none", stage_dir=pre_dir, events=events)
             if main:
                 model.max_seq_length = result.extra["base_max_seq_length"]
                 model.save(str(model_dir), create_model_card=False)
@@ -529,10 +543,9 @@ def train(config: TrainConfig) -> Path:
         _barrier()
         base = str(model_dir)
 
-    params = _stage_params(config, None)
-    result, trainer, model = _run_stage("finetune", config, base=base, sources=sources, same_tower=config.same_tower,
-                                        hard_negatives=config.hard_negatives, stage_dir=state_dir / "finetune",
-                                        events=events, **params)
+    result, trainer, model = _run_stage("finetune", config, base=base, sources=sources, params=_stage_params(config, None),
+                                        same_tower=config.same_tower, hard_negatives=config.hard_negatives,
+                                        stage_dir=state_dir / "finetune", events=events)
     results.append(result)
     if main:
         _finish(out, config, model, results, events)
