@@ -7,13 +7,14 @@ empty or preamble text; so the server's chat endpoint renders a request's messag
 texts one after the other, a blank line between, no role markers (`raw_chat_format`, registered
 as chat format "raw" in the server's process). The chat endpoint is then the model's completion
 with the chat API around it: gecko's side is its real chat path. In front of it, the fake of
-tests/fake_openai_server.py (real HTTP) stands in for the served API:
+tests/fake_openai_server.py (real HTTP) stands in for a hosted chat API: it refuses
+/v1/completions, so the probe finds no prompt log-probabilities: generate goes through chat (the
+instruction prompt), RC comes from the label token's top-20 chat log-probabilities, QL is
+unavailable and relabel fuses RC with the retriever. Two runs:
 
-- chat: it refuses /v1/completions as hosted chat APIs do, so the probe finds no prompt
-  log-probabilities: generate goes through chat (the instruction prompt), RC comes from the label
-  token's top-20 chat log-probabilities, QL is unavailable and relabel fuses RC with the retriever;
-- batch: `llm_options: {batch: true}`: the requests of each call become one job through its Files
-  and Batches endpoints, run on the real server's /v1/completions (QL and RC exact).
+- chat: live calls;
+- batch: `llm_options: {batch: true}`: the requests of each call become one job through the fake's
+  Files and Batches endpoints (as on OpenAI's Batch API), run on the real server's chat endpoint.
 
 Each run is the whole pipeline (generate, relabel, train, eval) with fresh run folders and LLM
 caches; by default at the demo's size (40 passages, top 10). Prices are illustrative ($0.10 /
@@ -99,8 +100,8 @@ def run(name: str, url: str, root: Path, options: dict, overrides: list[str]) ->
     start = time.perf_counter()
     result = run_pipeline(config, progress=False)
     wall = time.perf_counter() - start
-    keys = ("passages", "accepted", "queries", "pairs_scored", "llm_calls", "llm_cache_hits", "tokens_in", "tokens_out", "cost",
-            "prompt_style", "ql_unavailable", "fusion_used", "rc_bounds")
+    keys = ("passages", "accepted", "queries", "examples", "positive_changed", "pairs_scored", "llm_calls", "llm_cache_hits",
+            "tokens_in", "tokens_out", "cost", "prompt_style", "ql_unavailable", "fusion_used", "rc_bounds")
     usage = {s.name: {k: s.manifest["summary"][k] for k in keys if k in s.manifest["summary"]}
              for s in result.stages if s.name in ("generate", "relabel")}
     return {"run": name, "wall_s": round(wall, 1), "stages_s": {s.name: s.manifest.get("wall_s") for s in result.stages},
@@ -124,13 +125,13 @@ def main() -> None:
     proc, upstream = start_server(args.threads, root / f"server-{args.only or 'both'}.log")
     try:
         with FakeOpenAIServer(model=ALIAS, upstream=upstream) as proxy:
+            proxy.refuse = {"/v1/completions"}  # chat only, as hosted APIs (and their Batch API) are
+            if args.only in (None, "chat"):
+                print(json.dumps(run("chat", proxy.url, root, {}, sizes), indent=1), flush=True)
             if args.only in (None, "batch"):
                 # one Batch job per generate round (all passages in one batch) and per relabel chunk
                 print(json.dumps(run("batch", proxy.url, root, {"batch": True, "batch_poll_s": 1.0},
                                      ["generate.batch_size=1000", *sizes]), indent=1), flush=True)
-            if args.only in (None, "chat"):
-                proxy.refuse = {"/v1/completions"}
-                print(json.dumps(run("chat", proxy.url, root, {}, sizes), indent=1), flush=True)
     finally:
         proc.terminate()
         proc.wait(10)

@@ -140,20 +140,24 @@ def test_ray_engine_on_chat_only_servers(corpus, tmp_path):
     """Several chat-only servers under `--engine ray`: the actors send the served model's name, the
     records and the manifest carry the same identity (with the probe's `@chat`), the stages adapt
     as locally (chat prompt; RC + retriever), and the driver prices the actors' tokens."""
-    pytest.importorskip("ray")
+    ray = pytest.importorskip("ray")
     from gecko.scale import RayConfig, run_generate_ray, run_relabel_ray
 
     price = Price(1.0, 2.0)
-    with FakeOpenAIServer() as one, FakeOpenAIServer() as two:
-        for fake in (one, two):
-            fake.refuse, fake.chat_responder = {"/v1/completions"}, chat_model
-        spec, engine = f"openai:{one.url},{two.url}#fake-model", RayConfig(actors=2, num_cpus=0.5)
-        generated, relabeled = tmp_path / "generated.jsonl", tmp_path / "relabeled.jsonl"
-        gen = run_generate_ray(corpus, generated, spec, GenerateConfig(batch_size=1), engine, cache=tmp_path / "cache.sqlite",
-                               progress=False, prices={"fake-model": price})
-        rel = run_relabel_ray(generated, corpus, relabeled, spec, RelabelConfig(top_n=3), engine, cache=tmp_path / "cache.sqlite",
-                              progress=False, prices={"fake-model": price})
-        models = {r["body"]["model"] for fake in (one, two) for r in fake.requests if r["method"] == "POST"}
+    generated, relabeled = tmp_path / "generated.jsonl", tmp_path / "relabeled.jsonl"
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # one Ray for both stages
+    try:
+        with FakeOpenAIServer() as one, FakeOpenAIServer() as two:
+            for fake in (one, two):
+                fake.refuse, fake.chat_responder = {"/v1/completions"}, chat_model
+            spec, engine = f"openai:{one.url},{two.url}#fake-model", RayConfig(actors=2, num_cpus=0.5)
+            gen = run_generate_ray(corpus, generated, spec, GenerateConfig(batch_size=1), engine, cache=tmp_path / "cache.sqlite",
+                                   progress=False, prices={"fake-model": price})
+            rel = run_relabel_ray(generated, corpus, relabeled, spec, RelabelConfig(top_n=3), engine, cache=tmp_path / "cache.sqlite",
+                                  progress=False, prices={"fake-model": price})
+            models = {r["body"]["model"] for fake in (one, two) for r in fake.requests if r["method"] == "POST"}
+    finally:
+        ray.shutdown()
     identity = f"openai:{one.url},{two.url}#fake-model@chat"
     records = [json.loads(line) for part in sorted(generated.glob("part-*")) for line in part.read_text().splitlines()]
     assert json.loads((generated / "manifest.json").read_text())["llm"] == identity and {r["model"] for r in records} == {identity}

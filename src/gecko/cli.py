@@ -47,7 +47,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         from gecko.scale import run_generate_ray
 
         summary = run_generate_ray(args.corpus, args.out, args.llm, config, _ray_config(args), limit=args.limit,
-                                   lenient=args.lenient, progress=not args.summary_json)
+                                   lenient=args.lenient, progress=not args.summary_json,
+                                   prices=_prices(args), max_cost=args.max_cost)
     else:
         llm = _load_llm(args)
         summary = run_generate(args.corpus, args.out, llm, config, limit=args.limit, lenient=args.lenient, progress=not args.summary_json)
@@ -55,24 +56,34 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prices(args: argparse.Namespace) -> dict:
+    """`--price INPUT,OUTPUT` as the price table of `--llm`'s model."""
+    from gecko.llm import LLMSpec, Price
+
+    if not args.price:
+        return {}
+    try:
+        price = Price(*(float(v) for v in args.price.split(",")))
+    except (TypeError, ValueError):
+        raise ValueError(f"--price {args.price!r}: expected INPUT,OUTPUT US dollars per million tokens, e.g. 0.15,0.6") from None
+    return {LLMSpec.parse(args.llm).model or args.llm: price}
+
+
+def _llm_options(args: argparse.Namespace) -> dict:
+    return {"batch": True} if args.batch else {}
+
+
 def _load_llm(args: argparse.Namespace):
     """The stage's LLM with the cost options (`--price`, `--max-cost`, `--batch`) of generate and relabel."""
-    from gecko.llm import LLMSpec, Price, load_llm
+    from gecko.llm import load_llm
 
-    prices = {}
-    if args.price:
-        try:
-            price = Price(*(float(v) for v in args.price.split(",")))
-        except (TypeError, ValueError):
-            raise ValueError(f"--price {args.price!r}: expected INPUT,OUTPUT US dollars per million tokens, e.g. 0.15,0.6") from None
-        prices = {LLMSpec.parse(args.llm).model or args.llm: price}
-    return load_llm(args.llm, prices=prices, max_cost=args.max_cost, **({"batch": True} if args.batch else {}))
+    return load_llm(args.llm, prices=_prices(args), max_cost=args.max_cost, **_llm_options(args))
 
 
 def _ray_config(args: argparse.Namespace):
     from gecko.scale import RayConfig
 
-    return RayConfig(address=args.ray_address, actors=args.actors)
+    return RayConfig(address=args.ray_address, actors=args.actors, llm_options=_llm_options(args))
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -158,7 +169,8 @@ def _cmd_relabel(args: argparse.Namespace) -> int:
         from gecko.scale import run_relabel_ray
 
         summary = run_relabel_ray(args.generated, args.corpus, args.out, args.llm, config, _ray_config(args),
-                                  limit=args.limit, progress=not args.summary_json)
+                                  limit=args.limit, progress=not args.summary_json,
+                                  prices=_prices(args), max_cost=args.max_cost)
     else:
         summary = run_relabel(args.generated, args.corpus, args.out, _load_llm(args), config, limit=args.limit,
                               progress=not args.summary_json)
