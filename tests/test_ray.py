@@ -29,7 +29,7 @@ from gecko.scale import RayConfig, ScaleError, run_generate_ray, run_relabel_ray
 from test_relabel import FAST, make_slice  # noqa: E402
 
 torch.set_num_threads(1)
-GENERATE = GenerateConfig(batch_size=2)
+GENERATE = GenerateConfig(batch_size=1)  # six Ray batches that come back one by one: a kill lands between them
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +107,9 @@ def test_generate_on_ray_survives_killed_actors_with_the_local_records(cluster, 
 
     thread = threading.Thread(target=run)
     thread.start()
-    # 3 batches of 2 passages on 2 actors: when the first is journaled, the other two are in flight
+    # 6 batches of 1 passage on 2 actors: the actors' start-up is most of the run, then the batches come
+    # back ~0.5 s apart (measured); when the first is journaled the others are in flight. (Batches of 2
+    # came back nearly together, and a 50 ms poll could miss the window.)
     deadline = time.time() + 300
     while time.time() < deadline and (not journal.exists() or not journal.read_text()) and thread.is_alive():
         time.sleep(0.05)
