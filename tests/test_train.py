@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -256,6 +257,36 @@ def test_bucketed_forward_equals_per_column_forward_and_cached_loss_matches(mini
     assert float(plain) == pytest.approx(float(cached), rel=1e-4)
 
 
+def test_cached_listwise_loss_equals_the_plain_one_in_value_and_gradients(minilm):
+    """GradCache changes where the memory goes, not the loss: same value and parameter gradients as
+    `ListwiseDistillLoss`, with a padded negative and a padded candidate (NaN scores), in 2-row mini-batches."""
+    from gecko.train.loss import CachedListwiseDistillLoss, ListwiseDistillLoss
+
+    minilm.eval()  # no dropout: both variants see the same embeddings
+    columns = [
+        ["aspirin and heart attacks", "BRCA1 DNA repair", "q3 about sleep", "vitamin D in winter"],
+        ["title: a | text: aspirin lowers the risk of heart attacks", "title: b | text: BRCA1 repairs DNA breaks",
+         "title: c | text: sleep and memory", "title: d | text: vitamin D and sunlight"],
+        ["title: n | text: statins and cholesterol", "title: n | text: padding", "title: n | text: insulin", "title: n | text: iron"],
+        ["title: c | text: platelets", "title: c | text: p53 and cancer", "title: c | text: padding", "title: c | text: calcium"],
+    ]
+    nan = float("nan")
+    labels = torch.tensor([[1, -3.0, -9.0, -5.0], [0, -2.0, nan, -4.0], [1, -1.0, -6.0, nan], [1, -2.0, -3.0, -8.0]])
+    settings = dict(weight=0.7, teacher_temperature=2.0, negatives=1)
+    plain = ListwiseDistillLoss(minilm, GeckoLoss(minilm, temperature=0.05, negatives_in_label=True, bucketed=False), **settings)
+    cached = CachedListwiseDistillLoss(minilm, temperature=0.05, mini_batch_size=2, **settings)
+    results = []
+    for loss in (plain, cached):
+        minilm.zero_grad()
+        value = loss(_features(minilm, columns), labels)
+        value.backward()
+        grads = torch.cat([p.grad.flatten() for p in minilm.parameters() if p.grad is not None])
+        results.append((float(value.detach()), grads))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-4)
+    assert torch.allclose(results[0][1], results[1][1], rtol=1e-3, atol=1e-6)
+    minilm.zero_grad()
+
+
 # ---------------------------------------------------------------- data
 
 
@@ -463,6 +494,9 @@ def test_train_with_listwise_distillation_from_relabeled_candidates(shared_data,
     train(config)
     fine = json.loads((tmp_path / "model2" / "training.json").read_text())["stages"][-1]
     assert "KL(teacher ql || student) over 4 candidates" in fine["loss"]["formula"] and fine["loss"]["distill_weight"] == 1.0
+    cached = replace(config, out=str(tmp_path / "model3"), steps=1, mini_batch_size=4)  # the GradCache variant runs too
+    train(cached)
+    assert json.loads((tmp_path / "model3" / "training.json").read_text())["stages"][-1]["loss"]["mini_batch_size"] == 4
 
 
 def test_bad_data_leaves_no_state_and_a_kill_before_the_card_is_completed_by_resume(scifact_examples, tmp_path):

@@ -64,8 +64,10 @@ def add_options(parser, cls, names=None, *, prefix: str = "", layered: bool = Fa
         else:
             origin = typing.get_origin(hint)
             element = typing.get_args(hint)[0] if origin in (list, tuple) else hint
-            if origin in (list, tuple) and "type" not in kw:  # else `type` parses the whole list
-                kw.update(action="append") if origin is list else kw.update(nargs="+")
+            if origin is list and "type" not in kw:  # else `type` parses the whole list
+                kw["action"] = "append"
+            elif origin is tuple and "type" not in kw:
+                kw["nargs"] = "+"
             kw.setdefault("type", element if element in (int, float) else str)
             kw["help"] = (kw.get("help", "") + ("" if "default" in kw.get("help", "") else _shown(default))).strip()
         flag = flag or f"--{prefix}{name}".replace("_", "-")

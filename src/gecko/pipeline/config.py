@@ -85,9 +85,9 @@ class TrainStage:
     holdout_max: int = 500
 
     def train_config(self, examples: Path, corpus: str, out: Path, *, resume: bool, progress: bool) -> TrainConfig:
-        """`corpus`: where the relabeled candidates' texts are, read only when the listwise
-        distillation term is on."""
-        listwise = corpus if self.settings.get("distill_weight") else None
+        """`corpus`: where the relabeled candidates' texts are, read unless the listwise
+        distillation term is off (`distill_weight: 0`)."""
+        listwise = corpus if self.settings.get("distill_weight") != 0 else None
         data = [DataSpec(str(examples), weight=self.weight, name="fret", kind="examples", corpus=listwise), *self.data]
         return TrainConfig(data=data, out=str(out), resume=resume, progress=progress, **self.settings)
 
@@ -254,13 +254,10 @@ def _resolve_paths(raw: dict, base: Path) -> None:
     generate = raw.get("generate")
     if isinstance(generate, dict) and generate.get("corpus"):
         generate["corpus"] = _resolve(generate["corpus"], base)
-    train = raw.get("train")
-    if isinstance(train, dict):
-        if isinstance(train.get("data"), list):
-            train["data"] = [_resolve_spec(d, base) for d in train["data"]]
-        pretrain = train.get("pretrain")
-        if isinstance(pretrain, dict) and isinstance(pretrain.get("data"), list):
-            pretrain["data"] = [_resolve_spec(d, base) for d in pretrain["data"]]
+    train = raw["train"] if isinstance(raw.get("train"), dict) else {}
+    for section in (train, train.get("pretrain")):  # their data sources
+        if isinstance(section, dict) and isinstance(section.get("data"), list):
+            section["data"] = [_resolve_spec(d, base) for d in section["data"]]
     ev = raw.get("eval")
     if isinstance(ev, dict) and ev.get("tasks") is not None:
         tasks = _task_mapping(ev["tasks"], "eval.tasks")

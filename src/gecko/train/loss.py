@@ -25,7 +25,8 @@ which are all this module adds:
 
 Wrap it in `MatryoshkaLoss` for several dims (its forward cache replays our chunked forwards in
 order). `GeckoCachedLoss` is the GradCache variant (CachedMultipleNegativesRankingLoss with the same
-scoring) for batches larger than memory allows.
+scoring) for batches larger than memory allows; `CachedListwiseDistillLoss` the same for the listwise
+term.
 """
 
 from __future__ import annotations
@@ -256,6 +257,22 @@ class GeckoLoss(MultipleNegativesRankingLoss):
         }
 
 
+def listwise_kl(queries: Tensor, columns: list[Tensor], teacher: Tensor, *, scale: float, teacher_temperature: float) -> Tensor:
+    """mean over rows with 2+ scored texts of KL(softmax(teacher / t_r) || softmax(scale * cos)) over
+    those texts (`ListwiseDistillLoss`'s term; NaN teacher scores mark texts outside a row's list)."""
+    docs = torch.stack([F.normalize(c, dim=-1) for c in columns], dim=1)  # (B, L, d)
+    student = torch.einsum("bd,bld->bl", F.normalize(queries, dim=-1), docs) * scale
+    valid = ~torch.isnan(teacher)
+    rows = valid.sum(dim=1) >= 2
+    if not bool(rows.any()):
+        return student.sum() * 0.0
+    student, teacher, valid = student[rows], teacher[rows], valid[rows]
+    target = F.softmax((teacher / teacher_temperature).masked_fill(~valid, float("-inf")), dim=1)
+    log_q = F.log_softmax(student.masked_fill(~valid, float("-inf")), dim=1)
+    terms = torch.where(valid, target * (torch.log(target.clamp_min(1e-30)) - log_q), torch.zeros_like(target))
+    return terms.sum(dim=1).mean()
+
+
 class ListwiseDistillLoss(nn.Module):
     """The Gecko loss plus a listwise distillation term from the LLM's scores of a query's candidates.
 
@@ -300,18 +317,7 @@ class ListwiseDistillLoss(nn.Module):
         return contrastive + self.weight * self.kl(embeddings[0], embeddings[1:], teacher)
 
     def kl(self, queries: Tensor, columns: list[Tensor], teacher: Tensor) -> Tensor:
-        """mean over rows with 2+ scored texts of KL(teacher || student) over those texts."""
-        docs = torch.stack([F.normalize(c, dim=-1) for c in columns], dim=1)  # (B, L, d)
-        student = torch.einsum("bd,bld->bl", F.normalize(queries, dim=-1), docs) * self.inner.scale
-        valid = ~torch.isnan(teacher)
-        rows = valid.sum(dim=1) >= 2
-        if not bool(rows.any()):
-            return student.sum() * 0.0
-        student, teacher, valid = student[rows], teacher[rows], valid[rows]
-        target = F.softmax((teacher / self.teacher_temperature).masked_fill(~valid, float("-inf")), dim=1)
-        log_q = F.log_softmax(student.masked_fill(~valid, float("-inf")), dim=1)
-        terms = torch.where(valid, target * (torch.log(target.clamp_min(1e-30)) - log_q), torch.zeros_like(target))
-        return terms.sum(dim=1).mean()
+        return listwise_kl(queries, columns, teacher, scale=self.inner.scale, teacher_temperature=self.teacher_temperature)
 
     def get_config_dict(self) -> dict[str, Any]:
         return {**self.inner.get_config_dict(), "distill_weight": self.weight,
@@ -391,3 +397,37 @@ class GeckoCachedLoss(CachedMultipleNegativesRankingLoss):
             "gather_across_devices": self.gather_across_devices,
             "mini_batch_size": self.mini_batch_size,
         }
+
+
+class CachedListwiseDistillLoss(GeckoCachedLoss):
+    """`ListwiseDistillLoss` under GradCache: every column, candidates included, embedded in
+    mini-batches without graphs; the Gecko loss and the KL term on those embeddings; gradients
+    replayed mini-batch by mini-batch. Memory is bounded by `mini_batch_size` rather than by
+    batch x list length (the plain variant keeps the graphs of all batch x (list + 1) texts).
+    Padding texts are embedded here (and masked by their NaN scores), not skipped."""
+
+    def __init__(self, model, *, weight: float = 1.0, teacher_temperature: float = 1.0, negatives: int = 0, **gecko):
+        if not teacher_temperature > 0:
+            raise ValueError("teacher_temperature must be positive")
+        super().__init__(model, negatives_in_label=negatives > 0, **gecko)
+        object.__setattr__(self, "weight", weight)
+        object.__setattr__(self, "teacher_temperature", teacher_temperature)
+        object.__setattr__(self, "negatives", negatives)
+
+    def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor) -> Tensor:
+        return self.forward_cached(list(sentence_features), labels)  # every column: the KL term reads them all
+
+    def calculate_loss(self, reps: list[list[Tensor]], labels: Tensor | None = None, *, with_backward: bool = False) -> Tensor:
+        counts, teacher = labels[:, 0].long(), labels[:, 1:].float()
+        contrastive_cols = reps[:2] if self.hard_negatives == "none" else reps[: 2 + self.negatives]
+        contrastive = super().calculate_loss(contrastive_cols, counts, with_backward=with_backward)
+        embeddings = [torch.cat(r) for r in reps]
+        kl = self.weight * listwise_kl(embeddings[0], embeddings[1:], teacher, scale=self.scale,
+                                       teacher_temperature=self.teacher_temperature)
+        if with_backward:
+            kl.backward()
+            kl = kl.detach()
+        return contrastive + kl
+
+    def get_config_dict(self) -> dict[str, Any]:
+        return {**super().get_config_dict(), "distill_weight": self.weight, "teacher_temperature": self.teacher_temperature}

@@ -206,7 +206,7 @@ def _make_loss(model, config: TrainConfig, *, same_tower: bool, hard_negatives: 
     columns before the candidate columns when the listwise term is on (None: off)."""
     from sentence_transformers.sentence_transformer.losses import MatryoshkaLoss
 
-    from gecko.train.loss import GeckoCachedLoss, GeckoLoss, ListwiseDistillLoss
+    from gecko.train.loss import CachedListwiseDistillLoss, GeckoCachedLoss, GeckoLoss, ListwiseDistillLoss
 
     gather = config.gather_across_devices and _world() > 1
     if gather and homogeneous and hard_negatives == "batch":
@@ -215,14 +215,16 @@ def _make_loss(model, config: TrainConfig, *, same_tower: bool, hard_negatives: 
         hard_negatives = "own"
     common = dict(temperature=config.temperature, same_tower=same_tower, hard_negatives=hard_negatives,
                   negatives_in_label=uses_counts, gather_across_devices=gather)
-    if config.mini_batch_size:
-        inner = GeckoCachedLoss(model, mini_batch_size=config.mini_batch_size, **common)
+    distill = dict(weight=config.distill_weight, teacher_temperature=config.distill_temperature, negatives=distill_negatives)
+    if config.mini_batch_size and distill_negatives is not None:
+        del common["negatives_in_label"]  # set from the negative count
+        outer = CachedListwiseDistillLoss(model, mini_batch_size=config.mini_batch_size, **distill, **common)
+    elif config.mini_batch_size:
+        outer = GeckoCachedLoss(model, mini_batch_size=config.mini_batch_size, **common)
     else:
-        inner = GeckoLoss(model, bucketed=config.bucketed, **common)
-    outer = inner
-    if distill_negatives is not None:
-        outer = ListwiseDistillLoss(model, inner, weight=config.distill_weight, teacher_temperature=config.distill_temperature,
-                                    negatives=distill_negatives)
+        outer = GeckoLoss(model, bucketed=config.bucketed, **common)
+        if distill_negatives is not None:
+            outer = ListwiseDistillLoss(model, outer, **distill)
     full = model.get_embedding_dimension()
     if dims == [full]:
         return outer, outer
@@ -305,22 +307,24 @@ def _callbacks(events: EventLog, stage: str, examples_per_step: int, progress: b
 
 
 def _stage_data(name: str, config: TrainConfig, sources: list[SourceData], hard_negatives: str):
-    """(the mixture, its dataset, whether the loss reads negative counts, the negative columns,
-    whether the listwise term is on)."""
+    """(the config with its automatic settings resolved for this data, the mixture, its dataset,
+    whether the loss reads negative counts, the negative columns, whether the listwise term is on)."""
     if hard_negatives == "none":  # pairs only: do not embed negatives the loss ignores
         for source in sources:
             for example in source.examples:
                 example.negatives = []
     mixture = build_mixture(sources, examples_per_epoch=config.examples_per_epoch, seed=config.seed)
-    distill = config.distill_weight > 0 and any(e.candidates for s in sources for e in s.examples)
-    if config.distill_weight > 0 and not distill and name == "finetune":
+    has_candidates = any(e.candidates for s in sources for e in s.examples)
+    if config.distill_weight and not has_candidates and name == "finetune":
         raise TrainError("distill_weight > 0 but no training example has candidates: give the relabeled data's corpus "
                          "(DataSpec.corpus, `--data PATH` with `--corpus`)")
+    config = config.resolved(has_candidates)
+    distill = bool(config.distill_weight) and has_candidates
     dataset, uses_counts, negatives = _build_datasets(
         mixture, homogeneous=config.homogeneous, hard_negatives=hard_negatives, seed=config.seed,
         listwise=config.distill_list if distill else 0, teacher=config.distill_teacher,
         retriever_weight=config.distill_temperature / config.temperature)
-    return mixture, dataset, uses_counts, negatives, distill
+    return config, mixture, dataset, uses_counts, negatives, distill
 
 
 def _load_model(base: str, config: TrainConfig):
@@ -406,7 +410,7 @@ def _run_stage(name: str, config: TrainConfig, *, base: str, sources: list[Sourc
     import torch
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    mixture, dataset, uses_counts, negatives, distill = _stage_data(name, config, sources, hard_negatives)
+    config, mixture, dataset, uses_counts, negatives, distill = _stage_data(name, config, sources, hard_negatives)
     model, use_cpu, base_max_seq_length = _load_model(base, config)
     full = model.get_embedding_dimension()
     dims = config.dims or default_dims(full)
