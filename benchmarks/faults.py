@@ -666,7 +666,7 @@ class FaultServer:
 
     Faults: hang (longer than the client's timeout), 500, 502, 503, 429, reset (RST on the socket),
     close (no status line), badjson, shape (valid JSON, wrong fields), drip (a correct answer, one
-    byte every `drip_s`), huge (a 20 MB answer)."""
+    byte every `drip_s`), headdrip (its status line and headers so), huge (a 20 MB answer)."""
 
     def __init__(self, hang_s: float = 3.0, drip_s: float = 0.2):
         self.script: list[str] = []
@@ -745,32 +745,36 @@ class FaultServer:
                     elif fault == "huge":
                         return self._send(200, b'{"choices": [{"text": "' + b"a" * 20_000_000 + b'"}]}')
                     payload = json.dumps(server.answer(self.path, body)).encode()
-                    if fault == "drip":
-                        return self._send(200, payload, drip=True)
-                    self._send(200, payload)
+                    self._send(200, payload, drip=fault if fault in ("drip", "headdrip") else None)
                 except OSError:
                     self.close_connection = True
 
-            def _send(self, status: int, payload: bytes, drip: bool = False) -> None:
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                if not drip:
+            def _send(self, status: int, payload: bytes, drip: str | None = None) -> None:
+                """drip: the body ("drip") or the status line and headers ("headdrip") one byte every drip_s."""
+                head = (f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
+                        f"X-Padding: {'x' * 40}\r\n\r\n").encode()
+                if drip == "headdrip":
+                    self._trickle(head)
                     self.wfile.write(payload)
-                    return
-                for i in range(len(payload)):
-                    self.wfile.write(payload[i : i + 1])
+                elif drip == "drip":
+                    self.wfile.write(head)
+                    self._trickle(payload)
+                else:
+                    self.wfile.write(head + payload)
+
+            def _trickle(self, data: bytes) -> None:
+                for i in range(len(data)):
+                    self.wfile.write(data[i : i + 1])
                     self.wfile.flush()
                     time.sleep(server.drip_s)
 
         return Handler
 
 
-HTTP_FAULTS = ("hang", "500", "502", "503", "429", "reset", "close", "badjson", "shape", "drip", "huge")
+HTTP_FAULTS = ("hang", "500", "502", "503", "429", "reset", "close", "badjson", "shape", "drip", "headdrip", "huge")
 
 
-def http_part(rng: random.Random, log, cases: int = 66) -> dict[str, Outcomes]:
+def http_part(rng: random.Random, log, cases: int = 72) -> dict[str, Outcomes]:
     """Each case: a run of 1-4 faults of one kind, then a generate or a score call through the openai
     backend (timeout 1 s, so a 2 s deadline per attempt; 2 retries): fewer faults than attempts must
     succeed, more must fail naming it."""

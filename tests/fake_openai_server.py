@@ -1,7 +1,7 @@
 """A scripted stand-in for an OpenAI-compatible server, for fault-injection tests (real HTTP).
 
 Each request takes the next fault from `script` ("500", "429", "400", "404", "hang", "drop",
-"badjson", "drip": the normal answer one byte every `drip_s`); once the script is empty it
+"badjson", "drip": the normal answer one byte every `drip_s`, "headdrip": its headers so); once the script is empty it
 answers normally. Every request is recorded, so
 tests can count the attempts the client made and inspect what it sent.
 
@@ -217,7 +217,24 @@ def _handler_for(fake: FakeOpenAIServer) -> type[BaseHTTPRequestHandler]:
             if fault == "badjson":
                 return self._send(200, b'{"choices": [ this is not json')
             status, answer = fake._answer(method, self.path, body, raw, content_type)
-            self._send(status, answer if isinstance(answer, bytes) else json.dumps(answer).encode(), drip=fault == "drip")
+            payload = answer if isinstance(answer, bytes) else json.dumps(answer).encode()
+            if fault == "headdrip":
+                return self._drip_headers(status, payload)
+            self._send(status, payload, drip=fault == "drip")
+
+        def _drip_headers(self, status: int, payload: bytes) -> None:
+            """The status line and headers one byte every `drip_s` (a padding header makes them long)."""
+            head = (f"HTTP/1.1 {status} OK\r\nContent-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
+                    f"X-Padding: {'x' * 200}\r\n\r\n").encode()
+            try:
+                for byte in head:
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+                    time.sleep(fake.drip_s)
+                self.wfile.write(payload)
+            except OSError:  # the client gave up and closed its end
+                pass
+            self.close_connection = True
 
         def _send(self, status: int, payload: bytes, drip: bool = False) -> None:
             try:

@@ -203,6 +203,14 @@ def test_a_slow_drip_fails_each_attempt_at_the_deadline(fake):
     message = str(info.value)
     assert f"{fake.url}/completions" in message and "3 attempts" in message and "0.5 s deadline" in message
     assert time.monotonic() - begin < 5  # three attempts of 0.5 s, not the drip's ~9 s each
+    # headers dripped: the same deadline (httpx alone bounds each read, not the header block)
+    fake.script = ["headdrip"] * 3
+    begin = time.monotonic()
+    with pytest.raises(LLMError, match="0.5 s deadline"):
+        _client(fake, deadline=0.5, max_retries=2).generate(["hi"], GenerationParams())
+    assert time.monotonic() - begin < 5  # the headers alone take ~13 s
+    fake.script = ["headdrip"]
+    assert _client(fake, deadline=0.5).generate(["hi"], GenerationParams(max_tokens=2)) == ["ok"]  # then an answer
 
 
 def test_client_errors_are_not_retried(fake):

@@ -126,18 +126,14 @@ def iter_passages(
         pieces = _split(text, max_tokens, tok) if tok is not None and text.strip() else [text]
         summary.documents += 1
         summary.passages += len(pieces)
-        if len(pieces) == 1:
-            yield Passage(doc_id, doc_id, title, pieces[0])
-        else:
-            for k, piece in enumerate(pieces):
-                yield Passage(f"{doc_id}#{k}", doc_id, title, piece)
+        for k, piece in enumerate(pieces):
+            yield Passage(doc_id if len(pieces) == 1 else f"{doc_id}#{k}", doc_id, title, piece)
 
 
 def load_corpus(path, **options) -> tuple[list[Passage], CorpusSummary]:
     """All passages of a fully validated corpus; takes the keyword arguments of `iter_passages`."""
     summary = CorpusSummary(str(path))
-    passages = list(iter_passages(path, summary=summary, **options))
-    return passages, summary
+    return list(iter_passages(path, summary=summary, **options)), summary
 
 
 def check_corpus(path, **options) -> CorpusSummary:
@@ -211,11 +207,9 @@ def _fields_of(record: dict, fields: _Fields) -> tuple[str, str, str]:
     if not isinstance(text, str):
         raise _Bad("missing-text", f"missing or non-string text field {fields.text!r}")
     title = record.get(fields.title)
-    if title is None:
-        title = ""
-    if not isinstance(title, str):
+    if title is not None and not isinstance(title, str):
         raise _Bad("bad-title", f"non-string title field {fields.title!r}")
-    return doc_id, title, text
+    return doc_id, title or "", text
 
 
 @functools.lru_cache(maxsize=4)

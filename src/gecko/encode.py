@@ -9,6 +9,7 @@ and renamed over it at the end, so a reader never sees half a file and a failed 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import struct
@@ -194,14 +195,8 @@ def _text_lines(path: Path, lenient: bool, summary: CorpusSummary) -> Iterator[P
 
 
 def _chunks(items: Iterator[Passage], size: int) -> Iterator[list[Passage]]:
-    chunk: list[Passage] = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
+    items = iter(items)
+    return iter(lambda: list(itertools.islice(items, size)), [])
 
 
 # ---------------------------------------------------------------- output

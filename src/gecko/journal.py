@@ -109,6 +109,16 @@ def write_json_atomic(path: str | Path, value: object) -> None:
     write_text_atomic(path, json.dumps(value, indent=2, ensure_ascii=False) + "\n")
 
 
+def pyplot():
+    """matplotlib's pyplot on the Agg backend: figures go to files, never to a display."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def save_figure_atomic(fig, path: str | Path, dpi: float | None = None) -> Path:
     """Save a matplotlib figure beside `path`, rename it over `path`, and close the figure."""
     import matplotlib.pyplot as plt

@@ -46,6 +46,14 @@ def resolve_embedder(spec: str) -> str:
     return default_embedder_path() if spec == DEFAULT else spec
 
 
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def file_sha256(path: Path) -> str:
     """sha256 of a file, memoised in a sidecar keyed by size and mtime (GGUFs are hundreds of MB)."""
     path = Path(path)
@@ -59,11 +67,7 @@ def file_sha256(path: Path) -> str:
                 return saved["sha256"]
         except (json.JSONDecodeError, KeyError):
             pass
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    sha = digest.hexdigest()
+    sha = sha256_of(path)
     sidecar.parent.mkdir(parents=True, exist_ok=True)
     tmp = sidecar.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps({"stamp": stamp, "sha256": sha}))

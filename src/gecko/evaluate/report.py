@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gecko.evaluate.tasks import EvalError
-from gecko.journal import save_figure_atomic, write_text_atomic
+from gecko.journal import pyplot, save_figure_atomic, write_text_atomic
 
 PROMPT_WORDS = {
     "model": "as the model says (its saved prompts; plain texts where it saves none, as MTEB scores it)",
@@ -204,12 +204,7 @@ def markdown_table(results: Results, baseline: Results | None = None) -> str:
 
 
 def plot(results: Results, path, baseline: Results | None = None) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = pyplot().subplots(figsize=(7, 4.5))
     dims = sorted(results.dims)
     for i, t in enumerate(results.tasks):
         color = f"C{i % 10}"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Protocol, Sequence, runtime_checkable
 
 
@@ -31,13 +31,7 @@ class GenerationParams:
     seed: int = 0
 
     def key(self) -> dict:
-        return {
-            "max_tokens": self.max_tokens,
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "stop": list(self.stop),
-            "seed": self.seed,
-        }
+        return {**asdict(self), "stop": list(self.stop)}
 
 
 @dataclass(frozen=True)
@@ -151,20 +145,6 @@ class JointScore:
         return JointScore(ContinuationScore(cont["tokens"], cont["logprobs"]), LabelScores.from_dict(value["labels"]))
 
 
-@runtime_checkable
-class JointScorer(Protocol):
-    """Optional protocol method: QL and RC of many candidates after one shared prefix.
-
-    A backend that can do it in one forward pass per candidate (logits at the continuation
-    positions and at the last position) implements it; every other backend gets
-    `score_and_label_by_parts`, which is exact too (same numbers, more tokens evaluated).
-    Requests sharing a `context` should be passed next to each other: a backend that keeps
-    KV state then evaluates that context once.
-    """
-
-    def score_and_label(self, prefix: str, requests: Sequence[JointRequest]) -> list[JointScore]: ...
-
-
 def score_and_label_by_parts(llm: LLM, prefix: str, requests: Sequence[JointRequest]) -> list[JointScore]:
     """The generic fallback: `score` for the continuation, then `label_logprobs` for the labels.
 
@@ -188,7 +168,14 @@ def label_logprobs_many(llm: LLM, prompts: Sequence[str], labels: Sequence[str])
 
 
 def score_and_label(llm: LLM, prefix: str, requests: Sequence[JointRequest]) -> list[JointScore]:
-    """QL + RC for each request: the backend's single-pass method if it has one, else by parts."""
+    """QL + RC for each request: the backend's single-pass method if it has one, else by parts.
+
+    `score_and_label` is an optional protocol method: a backend that can do it in one forward pass
+    per candidate (logits at the continuation positions and at the last position) implements it;
+    every other backend gets `score_and_label_by_parts`, which is exact too (same numbers, more
+    tokens evaluated). Requests sharing a `context` should be passed next to each other: a backend
+    that keeps KV state then evaluates that context once.
+    """
     method = getattr(llm, "score_and_label", None)
     if callable(method):
         return method(prefix, list(requests))

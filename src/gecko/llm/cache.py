@@ -22,7 +22,7 @@ from gecko.llm.base import (
     JointScore,
     LabelScores,
     label_logprobs_many,
-    score_and_label_by_parts,
+    score_and_label,
 )
 from gecko.llm.usage import BudgetExceeded, Price, check_budget
 
@@ -146,12 +146,9 @@ class CachedLLM:
         method when it has one, else to the exact by-parts fallback on the backend."""
         reqs = list(requests)
         keys = [_key("score_and_label", self.identity, prefix, r.context, r.continuation, r.question, list(r.labels)) for r in reqs]
-        method = getattr(self.backend, "score_and_label", None)
 
         def compute(idx: list[int]) -> list[object]:
-            todo = [reqs[i] for i in idx]
-            scores = method(prefix, todo) if callable(method) else score_and_label_by_parts(self.backend, prefix, todo)
-            return [s.to_dict() for s in scores]
+            return [s.to_dict() for s in score_and_label(self.backend, prefix, [reqs[i] for i in idx])]
 
         return [JointScore.from_dict(v) for v in self._through_cache(keys, compute)]
 

@@ -36,6 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import httpcore
 import httpx
 
 from gecko.llm.base import (
@@ -74,9 +75,9 @@ class OpenAILLM:
     extra_body: fields merged into every request, for server-specific knobs
     (e.g. {"repeat_penalty": 1.0} on llama-cpp-python, whose default is 1.1).
     batch: send each call's requests to the Batch API as one job (see the module doc).
-    timeout bounds each network read; deadline (default 2 x timeout) a whole attempt, so an answer
-    that trickles in a byte at a time fails like a timeout (the Batch API's result downloads, whose
-    size has no bound, are exempt).
+    timeout bounds each network read; deadline (default 2 x timeout) a whole attempt, headers and
+    body, so a server that trickles either in a byte at a time fails like a timeout (the Batch
+    API's result downloads, whose size has no bound, are exempt).
     """
 
     def __init__(
@@ -121,7 +122,9 @@ class OpenAILLM:
         self.batch_dir = Path(batch_dir)
         key = api_key or next((os.environ[v] for v in API_KEY_VARS if os.environ.get(v)), None)
         headers = {"Authorization": f"Bearer {key}"} if key else {}
-        self._client = httpx.Client(headers=headers, timeout=httpx.Timeout(timeout, connect=connect_timeout))
+        self._attempt = _AttemptDeadline()
+        self._client = httpx.Client(headers=headers, timeout=httpx.Timeout(timeout, connect=connect_timeout),
+                                    transport=self._attempt.transport())
         self._lock = threading.Lock()
         # what the server reported in `usage`, live and through the Batch API (priced at a discount)
         self.tokens_in = self.tokens_out = self.batch_tokens_in = self.batch_tokens_out = 0
@@ -155,11 +158,11 @@ class OpenAILLM:
         for attempt in range(attempts):
             if attempt:
                 time.sleep(self.backoff * 2 ** (attempt - 1))
-            deadline = None if text else time.monotonic() + self.deadline
+            self._attempt.at = None if text else time.monotonic() + self.deadline
             try:
                 sent = {"data": body, "files": files} if files is not None else {"json": body}
-                with self._client.stream(method, url, **sent) as response:
-                    content = _read(response, deadline)
+                response = self._client.request(method, url, **sent)
+                content = response.content
                 shown = content[:500].decode(response.encoding or "utf-8", errors="replace")
                 if response.status_code >= 500 or response.status_code == 429:
                     raise _Retryable(f"HTTP {response.status_code}: {shown[:200]!r}")
@@ -169,10 +172,9 @@ class OpenAILLM:
                     return parse(content.decode(response.encoding or "utf-8", errors="replace") if text else json.loads(content))
                 except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:  # incl. invalid JSON
                     raise _Retryable(f"bad response body ({type(e).__name__}: {e}): {shown[:200]!r}") from e
-            except _PastDeadline:
-                problem = f"timed out (no whole answer within the {self.deadline:g} s deadline per attempt)"
             except httpx.TimeoutException as e:
-                problem = f"timed out ({type(e).__name__})"
+                late = self._attempt.at is not None and time.monotonic() >= self._attempt.at
+                problem = f"timed out ({f'no whole answer within the {self.deadline:g} s deadline per attempt' if late else type(e).__name__})"
             except httpx.TransportError as e:  # refused, reset, or closed without a response
                 problem = f"connection failed ({type(e).__name__}: {e})"
             except _Retryable as e:
@@ -187,13 +189,10 @@ class OpenAILLM:
 
     def _count(self, data: dict, batch: bool) -> None:
         usage = data.get("usage") or {}
+        prefix = "batch_" if batch else ""
         with self._lock:
-            if batch:
-                self.batch_tokens_in += int(usage.get("prompt_tokens") or 0)
-                self.batch_tokens_out += int(usage.get("completion_tokens") or 0)
-            else:
-                self.tokens_in += int(usage.get("prompt_tokens") or 0)
-                self.tokens_out += int(usage.get("completion_tokens") or 0)
+            for name, field in (("tokens_in", "prompt_tokens"), ("tokens_out", "completion_tokens")):
+                setattr(self, prefix + name, getattr(self, prefix + name) + int(usage.get(field) or 0))
 
     def _post(self, path: str, body: dict, parse: Callable[[dict], Any]) -> Any:
         def counted(data: dict) -> Any:
@@ -240,11 +239,10 @@ class OpenAILLM:
         return caps
 
     def _probe_prompt_logprob(self, text: str) -> float:
-        body = {"prompt": text, "max_tokens": 1, "temperature": 0.0}
-        body.update(echo=True, logprobs=1) if self.score_mode == "echo" else body.update(prompt_logprobs=0)
+        body, spans_of = self._score_request(text)
         data = self._request("POST", "/completions", self._full(body), lambda d: d)
         try:
-            spans = echo_spans(data, text) if self.score_mode == "echo" else prompt_logprob_spans(data, text)
+            spans = spans_of(data)
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
             raise _NoPromptLogprobs(f"no prompt log-probabilities in the answer ({type(e).__name__}: {e})") from None
         if not spans or spans[0][0] > 0:
@@ -308,20 +306,18 @@ class OpenAILLM:
         if self.ql_missing:
             raise LLMError(f"{self.identity}: query likelihood (QL) unavailable: {self.ql_missing}")
 
+    def _score_request(self, text: str) -> tuple[dict, Callable[[dict], list[Span]]]:
+        """A /completions body that returns the prompt's log-probabilities, and the parser of its spans."""
+        body = {"prompt": text, "max_tokens": 1, "temperature": 0.0}  # 0 means "unlimited" on some servers
+        if self.score_mode == "echo":
+            return {**body, "echo": True, "logprobs": 1}, lambda d: echo_spans(d, text)
+        return {**body, "prompt_logprobs": 0}, lambda d: prompt_logprob_spans(d, text)
+
     def _score_many(self, pairs: list[tuple[str, str]]) -> list[ContinuationScore]:
-        bodies, parses = [], []
-        for prefix, continuation in pairs:
-            text = prefix + continuation
-            body = {"prompt": text, "max_tokens": 1, "temperature": 0.0}  # 0 means "unlimited" on some servers
-            if self.score_mode == "echo":
-                body.update(echo=True, logprobs=1)
-                parses.append(lambda d, text=text: echo_spans(d, text))
-            else:
-                body.update(prompt_logprobs=0)
-                parses.append(lambda d, text=text: prompt_logprob_spans(d, text))
-            bodies.append(body)
+        requests = [self._score_request(prefix + continuation) for prefix, continuation in pairs]
+        answers = self._post_many("/completions", [body for body, _ in requests], [parse for _, parse in requests])
         out = []
-        for (prefix, _), spans in zip(pairs, self._post_many("/completions", bodies, parses)):
+        for (prefix, _), spans in zip(pairs, answers):
             kept = [(tok, lp) for start, end, tok, lp in spans if end > len(prefix)]
             if any(lp is None for _, lp in kept):
                 raise LLMError(f"{self.base_url}: server gave no log-probability for the first prompt token; score needs a non-empty prefix")
@@ -407,18 +403,71 @@ class _NoPromptLogprobs(Exception):
     pass
 
 
-class _PastDeadline(Exception):
-    """An attempt's answer did not arrive whole within the deadline."""
+class _AttemptDeadline:
+    """The calling thread's attempt deadline, applied to every socket read of its requests.
+
+    httpx bounds each read by the timeout but not a whole request, so a server that sends its
+    headers or body a byte at a time could hold an attempt forever; reads here stop at the
+    deadline set for the attempt (`at`, per thread: the client's calls run concurrently)."""
+
+    def __init__(self):
+        self._local = threading.local()
+
+    @property
+    def at(self) -> float | None:
+        return getattr(self._local, "at", None)
+
+    @at.setter
+    def at(self, value: float | None) -> None:
+        self._local.at = value
+
+    def transport(self) -> httpx.HTTPTransport:
+        transport = httpx.HTTPTransport()
+        pool = transport._pool  # httpx has no public hook for the socket layer; httpcore's pool takes a backend
+        pool._network_backend = _DeadlineBackend(pool._network_backend, self)
+        return transport
+
+    def read_timeout(self, timeout: float | None) -> float | None:
+        if self.at is None:
+            return timeout
+        left = self.at - time.monotonic()
+        if left <= 0:
+            raise httpcore.ReadTimeout("past the attempt's deadline")
+        return left if timeout is None else min(timeout, left)
 
 
-def _read(response: httpx.Response, deadline: float | None) -> bytes:
-    """The body, chunk by chunk, given up past `deadline` (each read alone is bounded by the timeout)."""
-    chunks = []
-    for chunk in response.iter_bytes():
-        if deadline is not None and time.monotonic() > deadline:
-            raise _PastDeadline
-        chunks.append(chunk)
-    return b"".join(chunks)
+class _DeadlineBackend(httpcore.NetworkBackend):
+    def __init__(self, backend: httpcore.NetworkBackend, deadline: _AttemptDeadline):
+        self._backend, self._deadline = backend, deadline
+
+    def connect_tcp(self, *args, **kwargs) -> httpcore.NetworkStream:
+        return _DeadlineStream(self._backend.connect_tcp(*args, **kwargs), self._deadline)
+
+    def connect_unix_socket(self, *args, **kwargs) -> httpcore.NetworkStream:
+        return _DeadlineStream(self._backend.connect_unix_socket(*args, **kwargs), self._deadline)
+
+    def sleep(self, seconds: float) -> None:
+        self._backend.sleep(seconds)
+
+
+class _DeadlineStream(httpcore.NetworkStream):
+    def __init__(self, stream: httpcore.NetworkStream, deadline: _AttemptDeadline):
+        self._stream, self._deadline = stream, deadline
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self._stream.read(max_bytes, self._deadline.read_timeout(timeout))
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._stream.write(buffer, timeout)
+
+    def close(self) -> None:
+        self._stream.close()
+
+    def start_tls(self, *args, **kwargs) -> httpcore.NetworkStream:
+        return _DeadlineStream(self._stream.start_tls(*args, **kwargs), self._deadline)
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._stream.get_extra_info(info)
 
 
 class Capabilities:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gecko.journal import save_figure_atomic, write_text_atomic
+from gecko.journal import pyplot, save_figure_atomic, write_text_atomic
 from gecko.pipeline.config import PipelineConfig
 
 
@@ -81,13 +81,8 @@ def max_abs_delta(results, baseline) -> float | None:
 
 
 def _plot_task_mix(task_mix: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     items = sorted(task_mix.items(), key=lambda kv: kv[1])
-    fig, ax = plt.subplots(figsize=(6, 0.45 * len(items) + 1.2))
+    fig, ax = pyplot().subplots(figsize=(6, 0.45 * len(items) + 1.2))
     ax.barh([k.replace("_", " ") for k, _ in items], [v for _, v in items], color="C0")
     for i, (_, v) in enumerate(items):
         ax.text(v, i, f" {v}", va="center", fontsize=8)
@@ -98,12 +93,7 @@ def _plot_task_mix(task_mix: dict, path: Path) -> None:
 
 
 def _plot_relabel(summary: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4), gridspec_kw={"width_ratios": [3, 2]})
+    fig, (left, right) = pyplot().subplots(1, 2, figsize=(9, 3.4), gridspec_kw={"width_ratios": [3, 2]})
     bins = summary.get("seed_rank", {})
     left.bar(list(bins), list(bins.values()), color="C1")
     left.set_xlabel("rank of the seed passage under the base retriever")

@@ -3,6 +3,18 @@ RC fused by RRF), and keep the top one as the positive and a low-ranked one as h
 
 from gecko.relabel.fusion import FUSIONS, NEGATIVE_METHODS, fuse, parse_weights, ranks, select_negatives
 from gecko.relabel.rerank_eval import RerankEvalResult, run_rerank_eval
+from gecko.relabel.run import (
+    Candidate,
+    GeneratedRecord,
+    RelabelConfig,
+    RelabelError,
+    RelabelExample,
+    RelabelSummary,
+    build_example,
+    is_easy,
+    load_generated,
+    run_relabel,
+)
 from gecko.relabel.scoring import InvalidScore, PairScore, PairScorer, ScoreConfig, naive_score, passage_for_llm
 
 __all__ = [
@@ -20,22 +32,6 @@ __all__ = [
     "ranks",
     "run_rerank_eval",
     "select_negatives",
-]
-
-from gecko.relabel.run import (  # noqa: E402
-    Candidate,
-    GeneratedRecord,
-    RelabelConfig,
-    RelabelError,
-    RelabelExample,
-    RelabelSummary,
-    build_example,
-    is_easy,
-    load_generated,
-    run_relabel,
-)
-
-__all__ += [
     "Candidate",
     "GeneratedRecord",
     "RelabelConfig",

@@ -172,15 +172,14 @@ def _score_pairs(scorer: PairScorer, data, cands: dict[str, list[int]], progress
         for i in ids:
             by_passage.setdefault(i, []).append(q)
     pair_scores: dict[tuple[str, int], PairScore] = {}
-    bar = tqdm(total=sum(len(v) for v in by_passage.values()), unit="pair", desc="LLM scoring", disable=not progress)
-    for i, queries in by_passage.items():
-        for q, s in zip(queries, scorer.score_passage(data.corpus[i], [data.queries[q] for q in queries])):
-            if s.not_finite():
-                raise InvalidScore(f"{getattr(scorer.llm, 'identity', '?')} gave a score that is not finite "
-                                   f"(query {q!r}, document {data.corpus[i].doc_id!r}: {s.not_finite()})")
-            pair_scores[(q, i)] = s
-        bar.update(len(queries))
-    bar.close()
+    with tqdm(total=sum(len(v) for v in by_passage.values()), unit="pair", desc="LLM scoring", disable=not progress) as bar:
+        for i, queries in by_passage.items():
+            for q, s in zip(queries, scorer.score_passage(data.corpus[i], [data.queries[q] for q in queries])):
+                if s.not_finite():
+                    raise InvalidScore(f"{getattr(scorer.llm, 'identity', '?')} gave a score that is not finite "
+                                       f"(query {q!r}, document {data.corpus[i].doc_id!r}: {s.not_finite()})")
+                pair_scores[(q, i)] = s
+            bar.update(len(queries))
     return pair_scores
 
 

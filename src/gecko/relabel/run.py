@@ -79,18 +79,14 @@ class RelabelConfig:
     def __post_init__(self):
         if self.top_n < 2:
             raise ValueError("top_n must be at least 2 (a positive and a negative)")
-        if self.fusion not in FUSIONS:
-            raise ValueError(f"unknown fusion {self.fusion!r}; known: {', '.join(FUSIONS)}")
-        if self.positive not in POSITIVE_METHODS:
-            raise ValueError(f"unknown positive {self.positive!r}; known: {', '.join(POSITIVE_METHODS)}")
-        if self.negative not in NEGATIVE_METHODS:
-            raise ValueError(f"unknown negative method {self.negative!r}; known: {', '.join(NEGATIVE_METHODS)}")
+        for what, value, known in (("fusion", self.fusion, FUSIONS), ("positive", self.positive, POSITIVE_METHODS),
+                                   ("negative method", self.negative, NEGATIVE_METHODS)):
+            if value not in known:
+                raise ValueError(f"unknown {what} {value!r}; known: {', '.join(known)}")
         if self.n_negatives < 1:
             raise ValueError("n_negatives must be at least 1")
         if self.false_negative_ratio is not None and not 0 < self.false_negative_ratio <= 1:
             raise ValueError("false_negative_ratio must be in (0, 1]")
-        if self.fusion == "weighted":
-            parse_weights(self.weights)
         needs = {"rrf": ("ql", "rc"), "ql": ("ql",), "rc": ("rc",)}.get(self.fusion, ())
         if self.fusion == "weighted":
             needs = tuple(k for k, v in parse_weights(self.weights).items() if v and k != "retriever")
@@ -397,21 +393,17 @@ def is_easy(example: RelabelExample, margin: float) -> bool:
     return example.seed_rank == 1 and not example.positive_changed and example.seed_margin >= margin
 
 
-def _write_parquet_atomic(path: Path, rows: list[dict]) -> None:
+def write_rows(out: Path, rows: list[dict]) -> None:
+    """One .parquet or .jsonl file, by suffix, written beside `out` and renamed over it."""
+    if out.suffix != ".parquet":
+        write_jsonl_atomic(out, rows)
+        return
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     pq.write_table(pa.Table.from_pylist(rows), tmp)
-    os.replace(tmp, path)
-
-
-def write_rows(out: Path, rows: list[dict]) -> None:
-    """The local engine's output: one .parquet or .jsonl file, by suffix."""
-    if out.suffix == ".parquet":
-        _write_parquet_atomic(out, rows)
-    else:
-        write_jsonl_atomic(out, rows)
+    os.replace(tmp, out)
 
 
 Group = tuple[Passage, list[str]]  # a passage and every query of the chunk that retrieved it
@@ -454,12 +446,9 @@ def score_groups_locally(scorer: PairScorer, groups: list[Group], times: Counter
 class ScoreStats:
     """The summary's distributions, gathered one example at a time as the output is assembled."""
 
-    ql_all: list[float] = field(default_factory=list)
-    ql_pos: list[float] = field(default_factory=list)
-    ql_neg: list[float] = field(default_factory=list)
-    rc_all: list[float] = field(default_factory=list)
-    rc_pos: list[float] = field(default_factory=list)
-    rc_neg: list[float] = field(default_factory=list)
+    # "QL (all candidates)", "QL (positives)", "QL (negatives)", then the same for RC
+    scores: dict[str, list[float]] = field(default_factory=lambda: {
+        f"{signal} ({which})": [] for signal in ("QL", "RC") for which in ("all candidates", "positives", "negatives")})
     margins: list[float] = field(default_factory=list)
     rhos: list[float] = field(default_factory=list)  # per-query Spearman(QL, RC)
     seed_bins: Counter = field(default_factory=Counter)
@@ -474,23 +463,20 @@ class ScoreStats:
             bound = PairScore.from_list(row[2:]).rc_bound()
             if bound:
                 self.rc_bounds[bound] += 1
-        self.ql_all += [c.ql for c in example.candidates if c.ql is not None]
-        self.rc_all += [c.rc for c in example.candidates if c.rc is not None]
         by_id = {c.id: c for c in example.candidates}
         pos, neg = by_id.get(example.positive_id), by_id[example.negative_id]  # no pos: an unretrieved seed
-        if pos is not None and pos.ql is not None and neg.ql is not None:
-            self.ql_pos.append(pos.ql)
-            self.ql_neg.append(neg.ql)
-        if pos is not None and pos.rc is not None and neg.rc is not None:  # an RC of None (no label listed) is no value
-            self.rc_pos.append(pos.rc)
-            self.rc_neg.append(neg.rc)
+        for signal in ("ql", "rc"):
+            name = signal.upper()
+            self.scores[f"{name} (all candidates)"] += [getattr(c, signal) for c in example.candidates if getattr(c, signal) is not None]
+            # an RC of None (no label listed) is no value
+            if pos is not None and getattr(pos, signal) is not None and getattr(neg, signal) is not None:
+                self.scores[f"{name} (positives)"].append(getattr(pos, signal))
+                self.scores[f"{name} (negatives)"].append(getattr(neg, signal))
 
     def fill(self, summary: RelabelSummary) -> None:
         summary.seed_rank = {b: self.seed_bins.get(b, 0) for b in SEED_RANK_BINS}
         summary.seed_margin = _quantiles(self.margins)
-        named = (("QL (all candidates)", self.ql_all), ("QL (positives)", self.ql_pos), ("QL (negatives)", self.ql_neg),
-                 ("RC (all candidates)", self.rc_all), ("RC (positives)", self.rc_pos), ("RC (negatives)", self.rc_neg))
-        summary.scores = {name: _quantiles(values) for name, values in named if values}
+        summary.scores = {name: _quantiles(values) for name, values in self.scores.items() if values}
         summary.spearman_ql_rc = round(float(np.mean(self.rhos)), 4) if self.rhos else None
         summary.rc_bounds = dict(self.rc_bounds)
 

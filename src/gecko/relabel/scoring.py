@@ -56,12 +56,10 @@ class ScoreConfig:
     rc_score: str = option("logodds", "RC: log P(relevant) - log P(other), or log P(relevant) alone", choices=RC_SCORES)
 
     def __post_init__(self):
-        if self.prompt_style not in PAIR_PROMPT_STYLES:
-            raise ValueError(f"unknown prompt style {self.prompt_style!r}; known: {', '.join(PAIR_PROMPT_STYLES)}")
-        if self.ql_norm not in QL_NORMS:
-            raise ValueError(f"unknown ql_norm {self.ql_norm!r}; known: {', '.join(QL_NORMS)}")
-        if self.rc_score not in RC_SCORES:
-            raise ValueError(f"unknown rc_score {self.rc_score!r}; known: {', '.join(RC_SCORES)}")
+        for what, value, known in (("prompt style", self.prompt_style, PAIR_PROMPT_STYLES), ("ql_norm", self.ql_norm, QL_NORMS),
+                                   ("rc_score", self.rc_score, RC_SCORES)):
+            if value not in known:
+                raise ValueError(f"unknown {what} {value!r}; known: {', '.join(known)}")
         if len(self.labels) != 2 or len(set(self.labels)) != 2:
             raise ValueError(f"labels must be two different strings (relevant, not relevant), got {self.labels!r}")
         if self.max_passage_words < 1:
@@ -168,21 +166,19 @@ class PairScorer:
         rendered = [(c, q, question) for passage, queries in groups
                     for c, q, question in (prompt.render(passage_for_llm(passage, self.config.max_passage_words), q) for q in queries)]
         self.pairs += len(rendered)
+        flat = []
         if prompt.ql and not self.ql_missing:
             if prompt.rc:
                 requests = [JointRequest(c, q, question, prompt.labels) for c, q, question in rendered]
-                flat = []
                 for s in self._answers(score_and_label(self.llm, prompt.prefix, requests), len(rendered)):
                     rel, other = self._labels(s.labels)
                     flat.append(PairScore(s.continuation.total, len(s.continuation.logprobs), rel, other))
             else:  # QL only: one score call per query (the prefix holds the passage)
-                flat = []
                 for c, q, _ in rendered:
                     (s,) = self._answers(self.llm.score(prompt.prefix + c, [q]), 1)
                     flat.append(PairScore(s.total, len(s.logprobs), None, None))
         else:
             texts = [prompt.prefix + c + q + question for c, q, question in rendered]
-            flat = []
             for labels in self._answers(label_logprobs_many(self.llm, texts, list(prompt.labels)), len(texts)):
                 rel, other = self._labels(labels)
                 flat.append(PairScore(None, 0, rel, other, labels.floor))

@@ -25,7 +25,6 @@ driver died are recomputed), and a killed actor's batch in flight is recomputed.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -38,12 +37,12 @@ from typing import Iterator
 
 from gecko.corpus import Passage
 from gecko.generate import GenerateConfig, GenerateSummary, derive_seed, generate_batch, run_generate
-from gecko.journal import write_json_atomic, write_jsonl_atomic
+from gecko.journal import write_json_atomic
 from gecko.llm import LLMError, LLMSpec, Price, default_cache_path
 from gecko.llm.cache import CachedLLM, LLMCache
 from gecko.llm.usage import BudgetExceeded, check_budget, price_for
-from gecko.models import DEFAULT
-from gecko.relabel.run import Group, RelabelConfig, RelabelSummary, run_relabel
+from gecko.models import DEFAULT, sha256_of
+from gecko.relabel.run import Group, RelabelConfig, RelabelSummary, run_relabel, write_rows
 from gecko.relabel.scoring import PairScore, PairScorer, ScoreConfig
 
 COUNTERS = ("backend_calls", "cache_hits", "tokens_in", "tokens_out", "batch_tokens_in", "batch_tokens_out", "evaluated_tokens")
@@ -231,10 +230,9 @@ class _Cluster:
 
 class _RemoteLLM:
     """The driver's stand-in for the actors' LLM: its identity (keys, records), what the probe found
-    (`ADAPTED`), summed counters and
-    the estimated cost of their tokens. Past `max_cost` the stage stops once the batch that passed it
-    is journaled (the actors' batches run concurrently: a check before each call, as locally, would
-    need the driver in every call)."""
+    (`ADAPTED`), summed counters and the estimated cost of their tokens. Past `max_cost` the stage
+    stops once the batch that passed it is journaled (the actors' batches run concurrently: a check
+    before each call, as locally, would need the driver in every call)."""
 
     def __init__(self, identity: str, model: str | None, prices: dict[str, Price], max_cost: float | None):
         self.identity, self.model, self.max_cost = identity, model, max_cost
@@ -262,11 +260,11 @@ def _check_complete(what: str, expected: set, seen: set) -> None:
                          "the rest is journaled: rerun the same command to finish")
 
 
+@dataclass
 class _GenerateOnRay:
     """`run_generate`'s engine: the local engine's batches, one per actor call."""
 
-    def __init__(self, cluster: _Cluster):
-        self.cluster = cluster
+    cluster: _Cluster
 
     def __call__(self, passages: list[Passage], llm, config: GenerateConfig) -> Iterator[dict[str, dict]]:
         size = config.batch_size
@@ -281,11 +279,11 @@ class _GenerateOnRay:
         _check_complete("passages", {p.id for p in passages}, seen)
 
 
+@dataclass
 class _ScoreOnRay:
     """`run_relabel`'s group scorer: each (passage, queries) group is one row, never split."""
 
-    def __init__(self, cluster: _Cluster):
-        self.cluster = cluster
+    cluster: _Cluster
 
     def __call__(self, scorer: PairScorer, groups: list[Group], times: Counter) -> Iterator[tuple[int, list[PairScore]]]:
         start = time.perf_counter()
@@ -305,6 +303,7 @@ class _ScoreOnRay:
         _check_complete("passage groups", set(range(len(groups))), seen)
 
 
+@dataclass
 class _ShardWriter:
     """Writes the final records as `OUT/part-NNNNN.{jsonl,parquet}` plus `OUT/manifest.json`.
 
@@ -312,10 +311,9 @@ class _ShardWriter:
     are that file. The folder is built beside OUT and swapped in, and the manifest is written
     last, so a reader that trusts the manifest never sees a partial output."""
 
-    def __init__(self, stage: str, cluster: _Cluster, config: dict):
-        self.stage = stage
-        self.cluster = cluster
-        self.config = config
+    stage: str
+    cluster: _Cluster
+    config: dict
 
     def __call__(self, out: Path, records: list[dict]) -> None:
         tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
@@ -326,14 +324,8 @@ class _ShardWriter:
         for n, lo in enumerate(range(0, len(records), size)):
             path = tmp / f"part-{n:05d}{out.suffix}"
             chunk = records[lo : lo + size]
-            if out.suffix == ".parquet":
-                import pyarrow as pa
-                import pyarrow.parquet as pq
-
-                pq.write_table(pa.Table.from_pylist(chunk), path)
-            else:
-                write_jsonl_atomic(path, chunk)
-            shards.append({"path": path.name, "records": len(chunk), "sha256": _sha256(path)})
+            write_rows(path, chunk)
+            shards.append({"path": path.name, "records": len(chunk), "sha256": sha256_of(path)})
         write_json_atomic(tmp / "manifest.json", {
             "stage": self.stage,
             "format": out.suffix.lstrip("."),
@@ -351,14 +343,6 @@ class _ShardWriter:
         _remove(old)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _remove(path: Path) -> None:
     if path.is_dir():
         shutil.rmtree(path)
@@ -367,8 +351,11 @@ def _remove(path: Path) -> None:
 
 
 @contextmanager
-def _connected(config: RayConfig, progress: bool) -> Iterator[None]:
-    """Joins the cluster (or starts a local Ray, stopped again at the end)."""
+def _on_cluster(out: Path, llm: str, config: RayConfig, cache: str | Path | None, progress: bool,
+                prices: dict[str, Price] | None, max_cost: float | None) -> Iterator[_Cluster]:
+    """Joins the cluster (or starts a local Ray, stopped again at the end); the run's `_Cluster` on it."""
+    if out.suffix not in FORMATS:
+        raise ScaleError(f"{out}: with --engine ray the output is a folder of shards named NAME.jsonl or NAME.parquet")
     try:
         import ray
         import ray.data
@@ -384,15 +371,10 @@ def _connected(config: RayConfig, progress: bool) -> Iterator[None]:
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = context.print_on_execution_start = progress
     try:
-        yield
+        yield _Cluster(llm, config, Path(cache or default_cache_path()), prices, max_cost)
     finally:
         if started:
             ray.shutdown()
-
-
-def _check_out(out: Path) -> None:
-    if out.suffix not in FORMATS:
-        raise ScaleError(f"{out}: with --engine ray the output is a folder of shards named NAME.jsonl or NAME.parquet")
 
 
 def run_generate_ray(
@@ -414,9 +396,7 @@ def run_generate_ray(
     `llm` is a spec (`default`, `llamacpp:PATH`, `openai:URL[,URL...]#MODEL`): each actor opens it.
     `prices` (by model name) and `max_cost` as in `load_llm`: the cost is estimated on the driver."""
     out = Path(out)
-    _check_out(out)
-    with _connected(ray_config, progress):
-        cluster = _Cluster(llm, ray_config, Path(cache or default_cache_path()), prices, max_cost)
+    with _on_cluster(out, llm, ray_config, cache, progress, prices, max_cost) as cluster:
         writer = _ShardWriter("generate", cluster, {"corpus": str(corpus), "limit": limit, **asdict(config)})
         return run_generate(corpus, out, cluster.llm, config, limit=limit, lenient=lenient, progress=progress,
                             engine=_GenerateOnRay(cluster), write=writer)
@@ -441,9 +421,7 @@ def run_relabel_ray(
     shard folder. Each `config.query_chunk` of queries is one Ray Data run (actors load the LLM
     once per chunk), so on a cluster a large chunk amortises that start-up."""
     out = Path(out)
-    _check_out(out)
-    with _connected(ray_config, progress):
-        cluster = _Cluster(llm, ray_config, Path(cache or default_cache_path()), prices, max_cost)
+    with _on_cluster(out, llm, ray_config, cache, progress, prices, max_cost) as cluster:
         writer = _ShardWriter("relabel", cluster, {"generated": str(generated), "corpus": str(corpus), "limit": limit,
                                                     **asdict(config)})
         return run_relabel(generated, corpus, out, cluster.llm, config, limit=limit, progress=progress,
