@@ -25,6 +25,7 @@ import contextlib
 import hmac
 import ipaddress
 import json
+import os
 import sys
 from dataclasses import dataclass
 from typing import Callable
@@ -346,6 +347,10 @@ def run_server(config: ServeConfig) -> None:
     """Serve until interrupted."""
     import uvicorn
 
+    # oneDNN compiles and keeps a kernel per input shape (up to 1,024 of them): under clients' texts of
+    # every length the RSS grew for minutes; a small cache holds it flat (benchmarks/RESULTS.md, "The
+    # server under abuse"). Set before the model loads; an explicit setting wins.
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "8")
     app = create_app(config)
     if config.api_key is None and not _is_loopback(config.host):
         print(f"gecko serve: warning: listening on {config.host} without an API key; anyone who can reach it can use it",
