@@ -92,51 +92,52 @@ def _map_workers(name: str) -> list[psutil.Process]:
     return found
 
 
-def _kill_workers_mid_run(journal: Path, thread: threading.Thread, name: str = "MapWorker") -> int:
-    """SIGKILL the Ray Data actor processes once they exist and either the first result is journaled or
-    they have worked 3 s (loading the LLM is most of their run); returns the journal lines at the kill."""
+def _run_killing_actors(stage, journal: Path):
+    """(stage()'s result, journal lines at the kill): `stage` runs in a thread, and the Ray Data actor
+    processes are SIGKILLed once they exist and either the first result is journaled or they have
+    worked 3 s (loading the LLM is most of their run)."""
+    outcome: dict = {}
+
+    def run():
+        try:
+            outcome["result"] = stage()
+        except BaseException as err:  # re-raised below
+            outcome["error"] = err
+
+    thread = threading.Thread(target=run)
+    thread.start()
     deadline, started = time.time() + 300, None
     while time.time() < deadline and thread.is_alive():
-        if started is None and _map_workers(name):
+        if started is None and _map_workers("MapWorker"):
             started = time.time()
         if journal.exists() and journal.read_text() or (started is not None and time.time() - started > 3):
             break
         time.sleep(0.05)
-    workers = _map_workers(name)
+    workers = _map_workers("MapWorker")  # Ray Data's actor processes; the only pool running now
     assert workers, "no actor process found"
     done = journal.read_text().count("\n") if journal.exists() else 0
     for proc in workers:
         os.kill(proc.pid, signal.SIGKILL)
-    return done
+    thread.join(600)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"], done
 
 
 def test_generate_on_ray_survives_killed_actors_with_the_local_records(cluster, local_generate, tmp_path):
     corpus, local_out, local_summary, local_cache = local_generate
     out = tmp_path / "generated.jsonl"
     journal = tmp_path / "generated.jsonl.journal"
-    outcome: dict = {}
-
-    def run():
-        try:
-            outcome["summary"] = run_generate_ray(corpus, out, "default", GENERATE, RayConfig(actors=2, shard_size=2),
-                                                  cache=tmp_path / "cache.sqlite", progress=False)
-        except BaseException as err:  # re-raised below
-            outcome["error"] = err
-
-    thread = threading.Thread(target=run)
-    thread.start()
     # 6 batches of 1 passage on 2 actors: the actors' start-up is most of the run, then the batches come
     # back ~0.5 s apart (measured; batches of 2 came back nearly together, and a poll could miss them)
-    done_at_kill = _kill_workers_mid_run(journal, thread)
-    thread.join(600)
-    if "error" in outcome:
-        raise outcome["error"]
+    summary, done_at_kill = _run_killing_actors(
+        lambda: run_generate_ray(corpus, out, "default", GENERATE, RayConfig(actors=2, shard_size=2),
+                                 cache=tmp_path / "cache.sqlite", progress=False), journal)
     assert done_at_kill < 6, "the kill came after the last batch"
     manifest, data = _shards(out)
     assert data == local_out.read_bytes()  # the shards, concatenated, are the local file: nothing lost or twice
     keys = [json.loads(line)["key"] for line in journal.read_text().splitlines()]
     assert sorted(keys) == sorted(set(keys)) and len(keys) == 6  # each passage journaled exactly once
-    summary = outcome["summary"]
     assert manifest["records"] == summary.accepted == local_summary.accepted
     assert [s["records"] for s in manifest["shards"]] == [2] * (summary.accepted // 2) + [1] * (summary.accepted % 2)
     assert manifest["stage"] == "generate" and manifest["llm"].startswith(choose_engine().backend + ":") and manifest["duplicate_results_dropped"] == 0
@@ -157,23 +158,10 @@ def test_relabel_on_ray_survives_killed_actors_with_the_local_records(cluster, s
     out = tmp_path / "relabeled.jsonl"
     journal = tmp_path / "relabeled.jsonl.journal"
     ray_config = RayConfig(actors=2, batch_size=1, shard_size=4)
-    outcome: dict = {}
-
-    def run():
-        try:
-            outcome["summary"] = run_relabel_ray(generated, corpus, out, "default", config, ray_config,
-                                                 cache=tmp_path / "cache.sqlite", progress=False)
-        except BaseException as err:  # re-raised below
-            outcome["error"] = err
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    done_at_kill = _kill_workers_mid_run(journal, thread)
-    thread.join(600)
-    if "error" in outcome:
-        raise outcome["error"]
+    summary, done_at_kill = _run_killing_actors(
+        lambda: run_relabel_ray(generated, corpus, out, "default", config, ray_config, cache=tmp_path / "cache.sqlite",
+                                progress=False), journal)
     assert done_at_kill < 6, "the kill came after the last query"
-    summary = outcome["summary"]
     manifest, data = _shards(out)
     assert data == (tmp_path / "local.jsonl").read_bytes()  # nothing lost or twice, and the local engine's records
     keys = [json.loads(line)["key"] for line in journal.read_text().splitlines()]
