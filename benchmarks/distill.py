@@ -3,7 +3,7 @@
 Data: relabeled SciFact queries committed in benchmarks/data/scifact-1500x2 with their candidates'
 texts from SciFact's corpus, turned into columns exactly as `gecko train --corpus` does (lists of
 --list texts: positive, the hard negative, candidates spread over the fused order); the losses
-are built by gecko.train.run._make_loss, the same code `gecko train` uses, Matryoshka 384/256/128/64.
+are built by gecko.train.run.make_loss, the same code `gecko train` uses, Matryoshka 384/256/128/64.
 
 Time: paired steps in one process: each configuration has its own copy of the model and AdamW and
 takes one optimizer step on the same batch in turn, rotating who goes first, so a change in the
@@ -46,7 +46,7 @@ def setup(kind: str, args, work: Path):
 
     from gecko.models import resolve_embedder
     from gecko.train import DataSpec, TrainConfig, build_mixture, load_source
-    from gecko.train.run import _build_datasets, _make_loss
+    from gecko.train.run import build_datasets, make_loss
 
     data = work / "relabeled.jsonl"
     if not data.exists():
@@ -57,16 +57,16 @@ def setup(kind: str, args, work: Path):
                          distill_weight=1.0 if distill else 0.0, distill_list=args.list,
                          mini_batch_size=32 if kind == "kl-cached" else 0).resolved(distill)
     source = load_source(DataSpec(str(data), corpus=str(CORPUS) if distill else None))
-    dataset, uses_counts, negatives = _build_datasets(build_mixture([source]), homogeneous=False, hard_negatives="own",
-                                                      seed=0, listwise=args.list if distill else 0, teacher="ql")
+    dataset, uses_counts, negatives = build_datasets(build_mixture([source]), homogeneous=False, hard_negatives="own",
+                                                     seed=0, listwise=args.list if distill else 0, teacher="ql")
     model = SentenceTransformer(resolve_embedder("default"), device="cpu")
     model.max_seq_length = args.max_seq_length
     model.train()
     for name, param in model.named_parameters():
         if ".pooler." in name:  # as gecko train does
             param.requires_grad_(False)
-    loss, _ = _make_loss(model, config, same_tower=True, hard_negatives="own", uses_counts=uses_counts,
-                         dims=[384, 256, 128, 64], homogeneous=False, distill_negatives=negatives if distill else None)
+    loss, _ = make_loss(model, config, same_tower=True, hard_negatives="own", uses_counts=uses_counts,
+                        dims=[384, 256, 128, 64], homogeneous=False, distill_negatives=negatives if distill else None)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-5, weight_decay=0.01)
     return model, loss, optimizer, dataset
 

@@ -57,12 +57,32 @@ def raw_chat_format(messages: list[dict], **_) -> "object":
     return ChatFormatterResponse(prompt="\n\n".join(texts))
 
 
+class _LogprobRows:
+    """The log-softmax of the logit rows asked for, computed when asked.
+
+    llama-cpp-python (0.3.36, `Llama._create_completion`) takes the log-softmax of *every* prompt
+    position's logits (prompt length x 262k words) and then keeps only the rows from the first
+    generated token on; served this way it computes the same returned numbers for those rows alone."""
+
+    def __init__(self, logits, log_softmax):
+        self.logits, self.log_softmax = logits, log_softmax
+
+    def __getitem__(self, rows):
+        return self.log_softmax(self.logits[rows])
+
+
 def serve(argv: list[str]) -> None:
-    """llama_cpp.server with the "raw" chat format registered (run in the server's own process)."""
+    """llama_cpp.server with the "raw" chat format registered (run in the server's own process),
+    its log-probabilities computed only for the rows it returns (`_LogprobRows`)."""
+    import numpy as np
+    from llama_cpp import Llama
     from llama_cpp.llama_chat_format import register_chat_format
     from llama_cpp.server.__main__ import main as server_main
 
     register_chat_format("raw")(raw_chat_format)
+    full = Llama.logits_to_logprobs
+    Llama.logits_to_logprobs = staticmethod(
+        lambda logits, axis=-1: _LogprobRows(logits, full) if np.ndim(logits) == 2 and axis == -1 else full(logits, axis))
     sys.argv = ["llama_cpp.server", *argv]
     server_main()
 

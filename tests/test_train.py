@@ -37,7 +37,7 @@ from gecko.train import (  # noqa: E402
     saved_prompts,
     train,
 )
-from gecko.train.run import _build_datasets  # noqa: E402
+from gecko.train.run import build_datasets  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -274,7 +274,7 @@ def test_cached_listwise_loss_equals_the_plain_one_in_value_and_gradients(minilm
     labels = torch.tensor([[1, -3.0, -9.0, -5.0], [0, -2.0, nan, -4.0], [1, -1.0, -6.0, nan], [1, -2.0, -3.0, -8.0]])
     settings = dict(weight=0.7, teacher_temperature=2.0, negatives=1)
     plain = ListwiseDistillLoss(minilm, GeckoLoss(minilm, temperature=0.05, negatives_in_label=True, bucketed=False), **settings)
-    cached = CachedListwiseDistillLoss(minilm, temperature=0.05, mini_batch_size=2, **settings)
+    cached = CachedListwiseDistillLoss(minilm, temperature=0.05, negatives_in_label=True, mini_batch_size=2, **settings)
     results = []
     for loss in (plain, cached):
         minilm.zero_grad()
@@ -358,7 +358,7 @@ def test_mixture_weights_and_no_duplicate_text_in_a_batch(scifact_examples, shar
     # repeats are whole passes: each relabelled example exactly three times
     assert set(collections.Counter(e.anchor for e in mixture.per_source["relabelled"]).values()) == {3}
 
-    dataset, uses_counts, _ = _build_datasets(mixture, homogeneous=False, hard_negatives="own", seed=0)
+    dataset, uses_counts, _ = build_datasets(mixture, homogeneous=False, hard_negatives="own", seed=0)
     assert uses_counts and dataset.column_names == ["anchor", "positive", "negative_1", "label"]
     sampler = NoDuplicatesBatchSampler(dataset, batch_size=8, drop_last=True, valid_label_columns=["label"],
                                        generator=torch.Generator(), seed=0)
@@ -372,7 +372,7 @@ def test_mixture_weights_and_no_duplicate_text_in_a_batch(scifact_examples, shar
         assert len(texts) == len(set(texts)), "a text appears twice in one batch"
 
     # homogeneous: every batch from one source, sources drawn in proportion to their epoch share
-    parts, _, _ = _build_datasets(mixture, homogeneous=True, hard_negatives="own", seed=0)
+    parts, _, _ = build_datasets(mixture, homogeneous=True, hard_negatives="own", seed=0)
     samplers = [NoDuplicatesBatchSampler(d, batch_size=4, drop_last=True, valid_label_columns=["label"],
                                          generator=torch.Generator(), seed=0) for d in parts.values()]
     concat = ConcatDataset(list(parts.values()))
@@ -479,12 +479,12 @@ def test_train_with_listwise_distillation_from_relabeled_candidates(shared_data,
     source = load_source(DataSpec(str(data), corpus=str(corpus)))
     example = source.examples[0]
     assert len(example.candidates) == 6 and example.candidates[0][0] == example.positive
-    dataset, _, negatives = _build_datasets(build_mixture([source]), homogeneous=False, hard_negatives="own", seed=0,
-                                            listwise=4, teacher="ql")
+    dataset, _, negatives = build_datasets(build_mixture([source]), homogeneous=False, hard_negatives="own", seed=0,
+                                           listwise=4, teacher="ql")
     assert negatives == 1 and dataset.column_names == ["anchor", "positive", "negative_1", "candidate_1", "candidate_2", "label"]
     assert dataset[0]["label"][:3] == [1.0, -5.0, -10.0]  # count, QL of p_1, QL of p_6
-    both, _, _ = _build_datasets(build_mixture([source]), homogeneous=False, hard_negatives="own", seed=0,
-                                 listwise=4, teacher="ql+retriever", retriever_weight=100.0)
+    both, _, _ = build_datasets(build_mixture([source]), homogeneous=False, hard_negatives="own", seed=0,
+                                listwise=4, teacher="ql+retriever", retriever_weight=100.0)
     assert both[0]["label"][:3] == [1.0, 45.0, 40.0]  # QL + 100 x cosine: QL's softmax times the retriever's at t_s
     out = tmp_path / "model"
     with pytest.raises(TrainError, match="candidates"):

@@ -409,7 +409,7 @@ class CachedListwiseDistillLoss(GeckoCachedLoss):
     def __init__(self, model, *, weight: float = 1.0, teacher_temperature: float = 1.0, negatives: int = 0, **gecko):
         if not teacher_temperature > 0:
             raise ValueError("teacher_temperature must be positive")
-        super().__init__(model, negatives_in_label=negatives > 0, **gecko)
+        super().__init__(model, **gecko)
         object.__setattr__(self, "weight", weight)
         object.__setattr__(self, "teacher_temperature", teacher_temperature)
         object.__setattr__(self, "negatives", negatives)

@@ -173,8 +173,8 @@ class StageResult:
     extra: dict = field(default_factory=dict)
 
 
-def _build_datasets(mixture: Mixture, *, homogeneous: bool, hard_negatives: str, seed: int, listwise: int = 0,
-                    teacher: str = "ql", retriever_weight: float = 0.0):
+def build_datasets(mixture: Mixture, *, homogeneous: bool, hard_negatives: str, seed: int, listwise: int = 0,
+                   teacher: str = "ql", retriever_weight: float = 0.0):
     """A Dataset (mixed batches) or a DatasetDict (one source per batch), whether the loss reads
     negative counts from the `label` column, and the number of negative columns."""
     from datasets import Dataset, DatasetDict
@@ -200,8 +200,8 @@ def _build_datasets(mixture: Mixture, *, homogeneous: bool, hard_negatives: str,
     return dataset, k > 0, k
 
 
-def _make_loss(model, config: TrainConfig, *, same_tower: bool, hard_negatives: str, uses_counts: bool, dims: list[int],
-               homogeneous: bool, distill_negatives: int | None = None):
+def make_loss(model, config: TrainConfig, *, same_tower: bool, hard_negatives: str, uses_counts: bool, dims: list[int],
+              homogeneous: bool, distill_negatives: int | None = None):
     """(the loss to train with, the Gecko loss inside it); `distill_negatives`: the negative
     columns before the candidate columns when the listwise term is on (None: off)."""
     from sentence_transformers.sentence_transformer.losses import MatryoshkaLoss
@@ -217,7 +217,6 @@ def _make_loss(model, config: TrainConfig, *, same_tower: bool, hard_negatives: 
                   negatives_in_label=uses_counts, gather_across_devices=gather)
     distill = dict(weight=config.distill_weight, teacher_temperature=config.distill_temperature, negatives=distill_negatives)
     if config.mini_batch_size and distill_negatives is not None:
-        del common["negatives_in_label"]  # set from the negative count
         outer = CachedListwiseDistillLoss(model, mini_batch_size=config.mini_batch_size, **distill, **common)
     elif config.mini_batch_size:
         outer = GeckoCachedLoss(model, mini_batch_size=config.mini_batch_size, **common)
@@ -320,7 +319,7 @@ def _stage_data(name: str, config: TrainConfig, sources: list[SourceData], hard_
                          "(DataSpec.corpus, `--data PATH` with `--corpus`)")
     config = config.resolved(has_candidates)
     distill = bool(config.distill_weight) and has_candidates
-    dataset, uses_counts, negatives = _build_datasets(
+    dataset, uses_counts, negatives = build_datasets(
         mixture, homogeneous=config.homogeneous, hard_negatives=hard_negatives, seed=config.seed,
         listwise=config.distill_list if distill else 0, teacher=config.distill_teacher,
         retriever_weight=config.distill_temperature / config.temperature)
@@ -416,8 +415,8 @@ def _run_stage(name: str, config: TrainConfig, *, base: str, sources: list[Sourc
     dims = config.dims or default_dims(full)
     if dims[0] > full:
         raise TrainError(f"dims {dims}: the base model has {full} dimensions")
-    loss, inner = _make_loss(model, config, same_tower=same_tower, hard_negatives=hard_negatives, uses_counts=uses_counts,
-                             dims=dims, homogeneous=config.homogeneous, distill_negatives=negatives if distill else None)
+    loss, inner = make_loss(model, config, same_tower=same_tower, hard_negatives=hard_negatives, uses_counts=uses_counts,
+                            dims=dims, homogeneous=config.homogeneous, distill_negatives=negatives if distill else None)
 
     world, batch_size = _world(), params["batch_size"]
     precision = config.precision
