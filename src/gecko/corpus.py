@@ -28,9 +28,8 @@ from typing import Iterator
 
 from gecko.models import DEFAULT, resolve_embedder
 
-SUPPORTED = (
-    ".jsonl, .jsonl.gz, .parquet, .csv, .tsv, a BEIR directory (corpus.jsonl[.gz]) or a directory of .txt/.md files"
-)
+SUPPORTED = (".jsonl, .jsonl.gz, .parquet, .csv, .tsv, a BEIR directory (corpus.jsonl[.gz]) or a directory of "
+             ".txt/.md files")
 _SURROGATE = re.compile("[\udc80-\udcff]")  # undecodable bytes under errors="surrogateescape"
 
 
@@ -94,17 +93,9 @@ class _Fields:
 # ---------------------------------------------------------------- public API
 
 
-def iter_passages(
-    path,
-    *,
-    lenient: bool = False,
-    max_tokens: int | None = None,
-    tokenizer: str = DEFAULT,
-    text_field: str | None = None,
-    id_field: str | None = None,
-    title_field: str | None = None,
-    summary: CorpusSummary | None = None,
-) -> Iterator[Passage]:
+def iter_passages(path, *, lenient: bool = False, max_tokens: int | None = None, tokenizer: str = DEFAULT,
+                  text_field: str | None = None, id_field: str | None = None, title_field: str | None = None,
+                  summary: CorpusSummary | None = None) -> Iterator[Passage]:
     """Stream the passages of the corpus at `path`, validating as it goes.
 
     With `max_tokens`, a document whose text is longer than that many tokens of `tokenizer`

@@ -70,18 +70,8 @@ class Embedder:
     cache when `cache`), `encode` the L2-normalised Matryoshka ones. `encoded` counts texts
     actually run through the model (cache misses), for tests and reports."""
 
-    def __init__(
-        self,
-        model: str = DEFAULT,
-        *,
-        device: str | None = None,
-        cache: bool = True,
-        cache_dir=None,
-        batch_tokens: int = 4096,
-        max_batch: int = 128,
-        progress: bool = True,
-        flush_every: int = 2048,
-    ):
+    def __init__(self, model: str = DEFAULT, *, device: str | None = None, cache: bool = True, cache_dir=None,
+                 batch_tokens: int = 4096, max_batch: int = 128, progress: bool = True, flush_every: int = 2048):
         if batch_tokens < 1 or max_batch < 1:
             raise EmbedError(f"batch_tokens and max_batch must be positive, got {batch_tokens} and {max_batch}")
         self.spec = model

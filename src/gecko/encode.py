@@ -23,7 +23,7 @@ import numpy as np
 from gecko.corpus import CorpusError, CorpusSummary, Passage, iter_passages
 from gecko.embed import EmbedError, Embedder
 from gecko.formats import format_document, is_document_prompt, plain_document, query_prompt
-from gecko.journal import replace_durably
+from gecko.journal import fsync_path, replace_durably
 from gecko.models import DEFAULT
 
 AS_CHOICES = ("query", "document")
@@ -83,20 +83,9 @@ class EncodeSummary:
         return "\n".join(lines)
 
 
-def encode_file(
-    input,
-    out,
-    encoder: Embedder | str = DEFAULT,
-    *,
-    dims: int | None = None,
-    as_: str | None = None,
-    task: str | None = None,
-    chunk_size: int = 8192,
-    lenient: bool = False,
-    text_field: str | None = None,
-    id_field: str | None = None,
-    progress: bool = True,
-) -> EncodeSummary:
+def encode_file(input, out, encoder: Embedder | str = DEFAULT, *, dims: int | None = None, as_: str | None = None,
+                task: str | None = None, chunk_size: int = 8192, lenient: bool = False, text_field: str | None = None,
+                id_field: str | None = None, progress: bool = True) -> EncodeSummary:
     """Embed every text of `input` into `out` (.npy plus `*.ids.json`, or .parquet with columns id, embedding).
 
     `input`: a .txt file (one text per line, id = line number; blank lines skipped) or any corpus
@@ -209,11 +198,7 @@ def _replacing(path: Path):
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         yield tmp
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_path(tmp)
         replace_durably(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

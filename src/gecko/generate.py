@@ -28,17 +28,12 @@ from gecko.llm.usage import BudgetExceeded, UsageMeter, usage_line
 from gecko.options import option
 from gecko.prompts import GENERATE_PROMPTS, TASK_TYPES, few_shot_queries
 
-PREAMBLE = re.compile(
-    r"^(here (is|are)|sure\b|certainly|okay\b|of course|the (following|query|answer) (is|are)|"
-    r"(query|task|passage|answer|question)\s*\d*\s*:|i (think|would|will|can)\b|as an ai|below (is|are))",
-    re.IGNORECASE,
-)
+PREAMBLE = re.compile(r"^(here (is|are)|sure\b|certainly|okay\b|of course|the (following|query|answer) (is|are)|"
+                      r"(query|task|passage|answer|question)\s*\d*\s*:|i (think|would|will|can)\b|as an ai|"
+                      r"below (is|are))", re.IGNORECASE)
 # meta-references instead of content: "Which of the following statements is true?"
-GENERIC = re.compile(
-    r"\b(this|the|that) (passage|text|study|article|paper|abstract|claim|query|question|sentence)\b|"
-    r"\bthe following\b",
-    re.IGNORECASE,
-)
+GENERIC = re.compile(r"\b(this|the|that) (passage|text|study|article|paper|abstract|claim|query|question|sentence)\b|"
+                     r"\bthe following\b", re.IGNORECASE)
 WORD = re.compile(r"[^\W_]+(?:[-'][^\W_]+)*", re.UNICODE)
 
 
@@ -233,20 +228,9 @@ def generate_batch(passages: list[Passage], llm: LLM, config: GenerateConfig) ->
                     retry.append(slot)
                 continue
             record = GeneratedQuery(
-                id=f"{slot.passage.id}:q{slot.index}",
-                seed_id=slot.passage.id,
-                task_type=slot.task_type,
-                task=slot.task,
-                query=query,
-                prompt_id=prompt_id,
-                model=llm.identity,
-                temperature=config.temperature,
-                top_p=config.top_p,
-                max_tokens=config.max_tokens,
-                sampling_seed=seed,
-                attempt=attempt,
-                raw=raw,
-            )
+                id=f"{slot.passage.id}:q{slot.index}", seed_id=slot.passage.id, task_type=slot.task_type,
+                task=slot.task, query=query, prompt_id=prompt_id, model=llm.identity, temperature=config.temperature,
+                top_p=config.top_p, max_tokens=config.max_tokens, sampling_seed=seed, attempt=attempt, raw=raw)
             entry["records"].append(asdict(record))
         pending = retry
         attempt += 1
@@ -269,18 +253,10 @@ def generate_locally(passages: list[Passage], llm: LLM, config: GenerateConfig) 
         yield generate_batch(passages[start : start + config.batch_size], llm, config)
 
 
-def run_generate(
-    corpus: str | Path,
-    out: str | Path,
-    llm: LLM,
-    config: GenerateConfig = GenerateConfig(),
-    limit: int | None = None,
-    lenient: bool = False,
-    progress: bool = True,
-    *,
-    engine: Callable[[list[Passage], LLM, GenerateConfig], Iterable[dict[str, dict]]] = generate_locally,
-    write: Callable[[Path, list[dict]], object] = write_jsonl_atomic,
-) -> GenerateSummary:
+def run_generate(corpus: str | Path, out: str | Path, llm: LLM, config: GenerateConfig = GenerateConfig(),
+                 limit: int | None = None, lenient: bool = False, progress: bool = True, *,
+                 engine: Callable[[list[Passage], LLM, GenerateConfig], Iterable[dict[str, dict]]] = generate_locally,
+                 write: Callable[[Path, list[dict]], object] = write_jsonl_atomic) -> GenerateSummary:
     """Generate queries for a corpus into `out` (JSONL); resumable via `out`.journal.
 
     `engine` yields journal entries batch by batch (`gecko.scale` runs the batches on Ray);

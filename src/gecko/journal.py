@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import uuid
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -62,47 +63,48 @@ class Journal:
         self._handle.close()
 
 
-def replace_durably(tmp: str | Path, path: Path) -> None:
-    """Rename `tmp` over `path` and fsync the folder, so the rename itself survives a power loss."""
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
+def fsync_path(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
 
 
-def write_jsonl_atomic(path: str | Path, records: Iterable[dict]) -> int:
-    """Write JSON lines to a temp file beside `path`, fsync, then rename over it."""
+def replace_durably(tmp: str | Path, path: Path) -> None:
+    """Rename `tmp` over `path` and fsync the folder, so the rename itself survives a power loss."""
+    os.replace(tmp, path)
+    fsync_path(path.parent)
+
+
+@contextmanager
+def replacing(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
+    """A unique temp path beside `path`: synced and renamed over it on success, removed on failure."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}{suffix}")
+    try:
+        yield tmp
+        fsync_path(tmp)
+        replace_durably(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_jsonl_atomic(path: str | Path, records: Iterable[dict]) -> int:
+    """Write JSON lines to a temp file beside `path`, fsync, then rename over it."""
     count = 0
-    with tmp.open("w", encoding="utf-8") as handle:
-        for record in records:
+    with replacing(path) as tmp, tmp.open("w", encoding="utf-8") as handle:
+        for count, record in enumerate(records, 1):
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-            count += 1
-        handle.flush()
-        os.fsync(handle.fileno())
-    replace_durably(tmp, path)
     return count
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
     """Write `text` to a unique temp file beside `path`, fsync, then rename over it (removed on failure)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        replace_durably(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    with replacing(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
 
 
 def write_json_atomic(path: str | Path, value: object) -> None:
@@ -123,9 +125,7 @@ def save_figure_atomic(fig, path: str | Path, dpi: float | None = None) -> Path:
     """Save a matplotlib figure beside `path`, rename it over `path`, and close the figure."""
     import matplotlib.pyplot as plt
 
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
-    fig.savefig(tmp, **({} if dpi is None else {"dpi": dpi}))
+    with replacing(path, suffix=f".tmp{Path(path).suffix}") as tmp:
+        fig.savefig(tmp, **({} if dpi is None else {"dpi": dpi}))
     plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return Path(path)

@@ -26,61 +26,22 @@ class TaskType:
     max_words: int = 40
 
 
-TASK_TYPES: dict[str, TaskType] = {
-    t.name: t
-    for t in [
-        TaskType(
-            "question_answering",
-            "Question",
-            (
-                "Given a query, find a passage that has the answer to the query.",
-                "Given a question, retrieve passages that answer the question.",
-            ),
-        ),
-        TaskType(
-            "search_result",
-            "Search query",
-            (
-                "Given a query, find a passage that might show up as a search result.",
-                "Given a web search query, retrieve relevant passages.",
-            ),
-            min_words=2,
-            max_words=16,
-        ),
-        TaskType(
-            "fact_checking",
-            "Claim",
-            (
-                "Given a query, find a passage that allows you to check whether the query is true or not.",
-                "Given a claim, retrieve documents that support or refute the claim.",
-            ),
-            min_words=4,
-        ),
-        TaskType(
-            "sentence_similarity",
-            "Similar sentence",
-            (
-                "Retrieve semantically similar text.",
-                "Given a sentence, find a sentence with a similar meaning.",
-            ),
-            min_words=5,
-        ),
-        TaskType(
-            "keyword_query",
-            "Keywords",
-            ("Given a few keywords, find a passage about them.",),
-            min_words=2,
-            max_words=8,
-        ),
-        TaskType(
-            "title",
-            "Title",
-            ("Given a title, find the passage it could head.",),
-            min_words=3,
-            max_words=20,
-        ),
-    ]
-}
+TASK_TYPES: dict[str, TaskType] = {t.name: t for t in [
+    TaskType("question_answering", "Question", ("Given a query, find a passage that has the answer to the query.",
+                                                "Given a question, retrieve passages that answer the question.")),
+    TaskType("search_result", "Search query", ("Given a query, find a passage that might show up as a search result.",
+                                               "Given a web search query, retrieve relevant passages."),
+             min_words=2, max_words=16),
+    TaskType("fact_checking", "Claim",
+             ("Given a query, find a passage that allows you to check whether the query is true or not.",
+              "Given a claim, retrieve documents that support or refute the claim."), min_words=4),
+    TaskType("sentence_similarity", "Similar sentence", ("Retrieve semantically similar text.",
+                                                         "Given a sentence, find a sentence with a similar meaning."),
+             min_words=5),
+    TaskType("keyword_query", "Keywords", ("Given a few keywords, find a passage about them.",), min_words=2,
+             max_words=8),
+    TaskType("title", "Title", ("Given a title, find the passage it could head.",), min_words=3, max_words=20),
+]}
 
 # Few-shot examples for the completion prompt: each passage with one query per task type, in
 # one fixed block, so every passage and task type shares the same prefix (the backend
@@ -187,39 +148,24 @@ class RelevanceExample:
 
 
 RELEVANCE_EXAMPLES: tuple[RelevanceExample, ...] = (
-    RelevanceExample(
-        GENERATE_EXAMPLES[0][0],
-        "how does aspirin reduce inflammation?",
-        "what are the side effects of ibuprofen in children?",
-    ),
-    RelevanceExample(
-        GENERATE_EXAMPLES[2][0],
-        "BRCA1 carriers have a higher risk of ovarian cancer.",
-        "Which drugs are used to treat lung tumours in smokers?",
-    ),
+    RelevanceExample(GENERATE_EXAMPLES[0][0], "how does aspirin reduce inflammation?",
+                     "what are the side effects of ibuprofen in children?"),
+    RelevanceExample(GENERATE_EXAMPLES[2][0], "BRCA1 carriers have a higher risk of ovarian cancer.",
+                     "Which drugs are used to treat lung tumours in smokers?"),
     RelevanceExample(
         "The Peace of Westphalia, signed in 1648, ended the Thirty Years' War and established the "
         "principle of state sovereignty that still shapes international law.",
-        "The Thirty Years' War ended in 1648.",
-        "causes of the French Revolution",
-    ),
-    RelevanceExample(
-        GENERATE_EXAMPLES[1][0],
-        "sleep duration and coronary heart disease",
-        "does drinking coffee raise blood pressure?",
-    ),
+        "The Thirty Years' War ended in 1648.", "causes of the French Revolution"),
+    RelevanceExample(GENERATE_EXAMPLES[1][0], "sleep duration and coronary heart disease",
+                     "does drinking coffee raise blood pressure?"),
     RelevanceExample(
         "During photosynthesis, chloroplasts convert light energy into chemical energy stored in "
         "glucose, splitting water and releasing oxygen as a by-product.",
-        "which gas do plants release during photosynthesis?",
-        "how do plant roots absorb nitrogen from the soil?",
-    ),
+        "which gas do plants release during photosynthesis?", "how do plant roots absorb nitrogen from the soil?"),
     RelevanceExample(
         "Python lists are dynamic arrays: appending is amortised constant time because the capacity "
         "grows geometrically, while inserting at the front shifts every element.",
-        "time complexity of appending to a python list",
-        "how do hash tables handle collisions?",
-    ),
+        "time complexity of appending to a python list", "how do hash tables handle collisions?"),
 )
 _LABEL_PATTERN = (True, False, True, False, True, False)  # which examples show the relevant query
 
@@ -263,16 +209,16 @@ def _pair_block(with_labels: bool, passage_first: bool, question: str, labels: t
     return "".join(parts)
 
 
+# style -> (prompt name, passage first, QL, RC); an RC layout shows each example's label
+PAIR_STYLES = {"joint": ("pair-joint-v1", True, True, True), "ql": ("pair-ql-v1", True, True, False),
+               "rc-query-first": ("pair-rc-qf-v1", False, False, True)}
+PAIR_PROMPT_STYLES = tuple(PAIR_STYLES)
+
+
 def pair_prompt(style: str = "joint", labels: tuple[str, str] = (" Yes", " No"), question: str = "\nRelevant:") -> PairPrompt:
     """The pair-scoring prompt `style`: joint (QL + RC, one pass), ql (QL only, every example
     relevant) or rc-query-first (RC only, query before passage)."""
-    if style == "joint":
-        return PairPrompt("pair-joint-v1", _pair_block(True, True, question, labels), True, question, labels, True, True)
-    if style == "ql":
-        return PairPrompt("pair-ql-v1", _pair_block(False, True, question, labels), True, question, labels, True, False)
-    if style == "rc-query-first":
-        return PairPrompt("pair-rc-qf-v1", _pair_block(True, False, question, labels), False, question, labels, False, True)
-    raise ValueError(f"unknown pair prompt style {style!r}; known: joint, ql, rc-query-first")
-
-
-PAIR_PROMPT_STYLES = ("joint", "ql", "rc-query-first")
+    if style not in PAIR_STYLES:
+        raise ValueError(f"unknown pair prompt style {style!r}; known: joint, ql, rc-query-first")
+    name, passage_first, ql, rc = PAIR_STYLES[style]
+    return PairPrompt(name, _pair_block(rc, passage_first, question, labels), passage_first, question, labels, ql, rc)

@@ -15,35 +15,12 @@ other `NAME=PATH` is typed by sniffing its folder (or `NAME:TYPE=PATH`).
 from gecko.evaluate.core import BACKENDS, evaluate, load_baseline
 from gecko.evaluate.report import Results, TaskScores, load_results, markdown_table, write_report
 from gecko.evaluate.tasks import (
-    KNOWN_TASKS,
-    TASK_TYPES,
-    ClassificationTask,
-    EvalError,
-    RetrievalTask,
-    STSTask,
-    Task,
-    load_task_data,
-    parse_task_spec,
-    resolve_task,
+    KNOWN_TASKS, TASK_TYPES, ClassificationTask, EvalError, RetrievalTask, STSTask, Task, load_task_data,
+    parse_task_spec, resolve_task
 )
 
 __all__ = [
-    "BACKENDS",
-    "KNOWN_TASKS",
-    "TASK_TYPES",
-    "ClassificationTask",
-    "EvalError",
-    "Results",
-    "RetrievalTask",
-    "STSTask",
-    "Task",
-    "TaskScores",
-    "evaluate",
-    "load_baseline",
-    "load_results",
-    "load_task_data",
-    "markdown_table",
-    "parse_task_spec",
-    "resolve_task",
-    "write_report",
+    "BACKENDS", "KNOWN_TASKS", "TASK_TYPES", "ClassificationTask", "EvalError", "Results", "RetrievalTask", "STSTask",
+    "Task", "TaskScores", "evaluate", "load_baseline", "load_results", "load_task_data", "markdown_table",
+    "parse_task_spec", "resolve_task", "write_report"
 ]

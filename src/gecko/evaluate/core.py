@@ -41,20 +41,10 @@ def as_tasks(tasks, **retrieval) -> list[Task]:
     return out
 
 
-def evaluate(
-    model="default",
-    tasks: Iterable = (),
-    dims: Iterable[int] | None = None,
-    *,
-    prompts: str | bool = "model",
-    backend: str = "auto",
-    cache_dir=None,
-    device: str | None = None,
-    batch_size: int = 64,
-    progress: bool = True,
-    ignore_identical_ids: bool | None = None,
-    strict: bool | None = None,
-) -> Results:
+def evaluate(model="default", tasks: Iterable = (), dims: Iterable[int] | None = None, *,
+             prompts: str | bool = "model", backend: str = "auto", cache_dir=None, device: str | None = None,
+             batch_size: int = 64, progress: bool = True, ignore_identical_ids: bool | None = None,
+             strict: bool | None = None) -> Results:
     """Score `model` on `tasks` at each of `dims` (default: its full dimension).
 
     `model`: an embedder folder, `default` (the packaged all-MiniLM-L6-v2) or a `gecko.embed.Embedder`
@@ -79,9 +69,8 @@ def evaluate(
         for line in data.notes(task.name):
             print(f"gecko eval: {line}", file=sys.stderr)
     try:
-        embedder = model if isinstance(model, Embedder) else Embedder(
-            str(model), device=device, cache_dir=cache_dir, max_batch=batch_size, progress=progress
-        )
+        embedder = model if isinstance(model, Embedder) else Embedder(str(model), device=device, cache_dir=cache_dir,
+                                                                      max_batch=batch_size, progress=progress)
         style = Prompts(prompts, embedder.prompts)
     except (EmbedError, ValueError) as err:
         raise EvalError(str(err)) from None
@@ -90,28 +79,15 @@ def evaluate(
     meta = None
     if backend == "mteb":
         meta = mteb_backend.model_meta(_model_name(embedder), embedder.identity, full, embedder.model.max_seq_length)
-    results = Results(
-        model={**embedder.describe(), "name": _model_name(embedder)},
-        dims=dim_list,
-        prompts=style.mode,
-        backend=backend,
-        versions=versions(backend),
-        tasks=[],
-        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    )
+    results = Results(model={**embedder.describe(), "name": _model_name(embedder)}, dims=dim_list, prompts=style.mode,
+                      backend=backend, versions=versions(backend), tasks=[],
+                      created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     for task, data in loaded:
         start = time.monotonic()
-        entry = TaskScores(
-            task=task.name,
-            type=task.type,
-            split=task.split,
-            path=str(task.path),
-            main_metric=task.main_metric,
-            mteb_task=task.mteb_name,
-            prompts={**style.describe(task), "task": task.prompt if style.mode == "gecko" else None},
-            sizes=data.sizes(),
-            protocol=data.protocol(),
-        )
+        entry = TaskScores(task=task.name, type=task.type, split=task.split, path=str(task.path),
+                           main_metric=task.main_metric, mteb_task=task.mteb_name,
+                           prompts={**style.describe(task), "task": task.prompt if style.mode == "gecko" else None},
+                           sizes=data.sizes(), protocol=data.protocol())
         if backend == "mteb":
             for dim in dim_list:
                 scores, result = mteb_backend.score(task, data, embedder.embed, style, None if dim == full else dim, meta)

@@ -75,10 +75,7 @@ class CachedEncoder:
     """MTEB `EncoderProtocol` over `embed(texts) -> full embeddings`, at one Matryoshka dimension."""
 
     def __init__(self, embed: Callable[[list[str], str], np.ndarray], task: Task, prompts: Prompts, dim: int | None, meta):
-        self._embed = embed
-        self._task = task
-        self._prompts = prompts
-        self._dim = dim
+        self._embed, self._task, self._prompts, self._dim = embed, task, prompts, dim
         self.mteb_model_meta = meta
 
     def encode(self, inputs, *, task_metadata, hf_split, hf_subset, prompt_type=None, **kwargs) -> np.ndarray:
@@ -110,16 +107,8 @@ class CachedEncoder:
 def model_meta(name: str, identity: str, dim: int | None, max_tokens: int | None):
     from mteb.models import ModelMeta
 
-    return ModelMeta.create_empty(
-        {
-            "name": name,
-            "revision": identity[:40],
-            "embed_dim": dim,
-            "max_tokens": max_tokens,
-            "similarity_fn_name": "cosine",
-            "framework": ["Sentence Transformers"],
-        }
-    )
+    return ModelMeta.create_empty({"name": name, "revision": identity[:40], "embed_dim": dim, "max_tokens": max_tokens,
+                                   "similarity_fn_name": "cosine", "framework": ["Sentence Transformers"]})
 
 
 def score(task: Task, data, embed, prompts: Prompts, dim: int | None, meta) -> tuple[dict, Any]:

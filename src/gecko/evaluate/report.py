@@ -45,36 +45,18 @@ class TaskScores:
         return None if entry is None else entry.get("main_score")
 
     def to_dict(self) -> dict:
-        return {
-            "task": self.task,
-            "type": self.type,
-            "split": self.split,
-            "path": self.path,
-            "main_metric": self.main_metric,
-            "mteb_task": self.mteb_task,
-            "prompts": self.prompts,
-            "sizes": self.sizes,
-            **({"protocol": self.protocol} if self.protocol else {}),
-            "evaluation_time": round(self.evaluation_time, 3),
-            "main_score": {str(d): s.get("main_score") for d, s in self.scores.items()},
-            "scores": {str(d): s for d, s in self.scores.items()},
-        }
+        head = ("task", "type", "split", "path", "main_metric", "mteb_task", "prompts", "sizes")
+        return {**{k: getattr(self, k) for k in head}, **({"protocol": self.protocol} if self.protocol else {}),
+                "evaluation_time": round(self.evaluation_time, 3),
+                "main_score": {str(d): s.get("main_score") for d, s in self.scores.items()},
+                "scores": {str(d): s for d, s in self.scores.items()}}
 
     @classmethod
     def from_dict(cls, data: dict) -> "TaskScores":
-        return cls(
-            task=data["task"],
-            type=data.get("type", ""),
-            split=data.get("split", "test"),
-            path=data.get("path", ""),
-            main_metric=data.get("main_metric", "main_score"),
-            mteb_task=data.get("mteb_task"),
-            prompts=data.get("prompts", {}),
-            sizes=data.get("sizes", {}),
-            scores={int(d): s for d, s in data.get("scores", {}).items()},
-            evaluation_time=data.get("evaluation_time", 0.0),
-            protocol=data.get("protocol", {}),
-        )
+        defaults = {"type": "", "split": "test", "path": "", "main_metric": "main_score", "mteb_task": None,
+                    "prompts": {}, "sizes": {}, "evaluation_time": 0.0, "protocol": {}}
+        return cls(task=data["task"], scores={int(d): s for d, s in data.get("scores", {}).items()},
+                   **{k: data.get(k, v) for k, v in defaults.items()})
 
 
 @dataclass
@@ -94,30 +76,18 @@ class Results:
         return next((t for t in self.tasks if t.task == name), None)
 
     def to_dict(self) -> dict:
-        return {
-            "format": "gecko-eval/1",
-            "created": self.created,
-            "model": self.model,
-            "dims": self.dims,
-            "prompts": self.prompts,
-            "backend": self.backend,
-            "versions": self.versions,
-            "tasks": [t.to_dict() for t in self.tasks],
-        }
+        return {"format": "gecko-eval/1", "created": self.created,
+                **{k: getattr(self, k) for k in ("model", "dims", "prompts", "backend", "versions")},
+                "tasks": [t.to_dict() for t in self.tasks]}
 
     @classmethod
     def from_dict(cls, data: dict) -> "Results":
         if "tasks" not in data or "dims" not in data:
             raise EvalError("not a gecko eval results file (no 'tasks' and 'dims')")
-        return cls(
-            model=data.get("model", {}),
-            dims=[int(d) for d in data["dims"]],
-            prompts={True: "gecko", False: "none"}.get(data.get("prompts", True), data.get("prompts")),
-            backend=data.get("backend", ""),
-            versions=data.get("versions", {}),
-            tasks=[TaskScores.from_dict(t) for t in data["tasks"]],
-            created=data.get("created", ""),
-        )
+        return cls(model=data.get("model", {}), dims=[int(d) for d in data["dims"]],
+                   prompts={True: "gecko", False: "none"}.get(data.get("prompts", True), data.get("prompts")),
+                   backend=data.get("backend", ""), versions=data.get("versions", {}),
+                   tasks=[TaskScores.from_dict(t) for t in data["tasks"]], created=data.get("created", ""))
 
     def table(self, baseline: "Results | None" = None) -> str:
         return markdown_table(self, baseline)
@@ -161,13 +131,23 @@ def _delta(ours: float | None, base: float | None) -> str:
     return "–" if ours is None or base is None else f"{100 * (ours - base):+.2f}"
 
 
+def _mean(values: list[float | None]) -> float | None:
+    return sum(values) / len(values) if all(v is not None for v in values) else None
+
+
 def markdown_table(results: Results, baseline: Results | None = None) -> str:
     dims = results.dims
+    bases = {t.task: baseline.task(t.task) if baseline is not None else None for t in results.tasks}
+
+    def row(cells: list[str], ours, theirs) -> str:
+        """`cells`, then each dim's `ours(dim)` and, with a baseline, its delta to `theirs(dim)`."""
+        for d in dims:
+            cells += [_fmt(ours(d))] + ([_delta(ours(d), theirs(d))] if baseline is not None else [])
+        return "| " + " | ".join(cells) + " |"
+
     head = ["task", "split", "metric"]
     for d in dims:
-        head.append(str(d))
-        if baseline is not None:
-            head.append(f"Δ{d}")
+        head += [str(d), f"Δ{d}"] if baseline is not None else [str(d)]
     lines = [
         f"# gecko eval: {_name(results)}",
         "",
@@ -176,30 +156,16 @@ def markdown_table(results: Results, baseline: Results | None = None) -> str:
         + (f" {results.versions.get('mteb')}" if results.backend == "mteb" else ""),
     ]
     if baseline is not None:
-        lines.append(
-            f"- baseline: `{_name(baseline)}` "
-            f"(prompts: {PROMPT_WORDS.get(baseline.prompts, baseline.prompts)}); Δ = ours − baseline, points"
-        )
+        words = PROMPT_WORDS.get(baseline.prompts, baseline.prompts)
+        lines.append(f"- baseline: `{_name(baseline)}` (prompts: {words}); Δ = ours − baseline, points")
     lines += ["- scores ×100 (main metric of each task)", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for t in results.tasks:
-        base = baseline.task(t.task) if baseline is not None else None
-        row = [t.task, t.split, t.main_metric]
-        for d in dims:
-            row.append(_fmt(t.main_score(d)))
-            if baseline is not None:
-                row.append(_delta(t.main_score(d), base.main_score(d) if base else None))
-        lines.append("| " + " | ".join(row) + " |")
+        base = bases[t.task]
+        theirs = base.main_score if base else lambda d: None
+        lines.append(row([t.task, t.split, t.main_metric], t.main_score, theirs))
     if len(results.tasks) > 1:
-        row = ["average", "", ""]
-        for d in dims:
-            mine = [t.main_score(d) for t in results.tasks]
-            avg = sum(mine) / len(mine) if all(m is not None for m in mine) else None
-            row.append(_fmt(avg))
-            if baseline is not None:
-                theirs = [baseline.task(t.task).main_score(d) if baseline.task(t.task) else None for t in results.tasks]
-                bavg = sum(theirs) / len(theirs) if all(m is not None for m in theirs) else None
-                row.append(_delta(avg, bavg))
-        lines.append("| " + " | ".join(row) + " |")
+        lines.append(row(["average", "", ""], lambda d: _mean([t.main_score(d) for t in results.tasks]),
+                         lambda d: _mean([b.main_score(d) if b else None for b in bases.values()])))
     return "\n".join(lines) + "\n"
 
 
@@ -236,14 +202,9 @@ def mteb_task_result(results: Results, t: TaskScores, dim: int) -> dict:
         data = result.model_dump(mode="json")
         data["date"] = result.date.timestamp() if result.date else None
         return data
-    return {
-        "dataset_revision": "local",
-        "task_name": t.mteb_task or f"gecko-{t.task}",
-        "mteb_version": None,
-        "scores": {t.split: [{**t.scores[dim], "hf_subset": "default", "languages": ["eng-Latn"]}]},
-        "evaluation_time": t.evaluation_time,
-        "kg_co2_emissions": None,
-    }
+    return {"dataset_revision": "local", "task_name": t.mteb_task or f"gecko-{t.task}", "mteb_version": None,
+            "scores": {t.split: [{**t.scores[dim], "hf_subset": "default", "languages": ["eng-Latn"]}]},
+            "evaluation_time": t.evaluation_time, "kg_co2_emissions": None}
 
 
 def write_report(results: Results, out_dir, baseline: Results | None = None) -> dict[str, Path]:
@@ -251,11 +212,8 @@ def write_report(results: Results, out_dir, baseline: Results | None = None) -> 
     out.mkdir(parents=True, exist_ok=True)
     data = results.to_dict()
     if baseline is not None:
-        data["baseline"] = {
-            "model": baseline.model,
-            "prompts": baseline.prompts,
-            "main_score": {t.task: {str(d): t.main_score(d) for d in baseline.dims} for t in baseline.tasks},
-        }
+        main = {t.task: {str(d): t.main_score(d) for d in baseline.dims} for t in baseline.tasks}
+        data["baseline"] = {"model": baseline.model, "prompts": baseline.prompts, "main_score": main}
     paths = {"json": write_text_atomic(out / "results.json", json.dumps(data, indent=2, ensure_ascii=False) + "\n")}
     for t in results.tasks:
         for dim in t.scores:

@@ -98,19 +98,14 @@ class RetrievalTask(Task):
         q = embed([prompts.query(data.queries[i], self) for i in qids], f"{self.name} queries")
         d = embed([prompts.document(p.title, p.text) for p in data.corpus], f"{self.name} documents")
         doc_ids = [p.id for p in data.corpus]
-        return {
-            dim: metrics.retrieval_scores(
-                qids, truncate(q, dim), doc_ids, truncate(d, dim), data.qrels, self.k_values, data.ignore_identical_ids
-            )
-            for dim in dims
-        }
+        return {dim: metrics.retrieval_scores(qids, truncate(q, dim), doc_ids, truncate(d, dim), data.qrels,
+                                              self.k_values, data.ignore_identical_ids) for dim in dims}
 
     def mteb_dataset(self, data):
         from datasets import Dataset
 
-        corpus = Dataset.from_dict(
-            {"id": [p.id for p in data.corpus], "title": [p.title for p in data.corpus], "text": [p.text for p in data.corpus]}
-        )
+        corpus = Dataset.from_dict({"id": [p.id for p in data.corpus], "title": [p.title for p in data.corpus],
+                                    "text": [p.text for p in data.corpus]})
         queries = Dataset.from_dict({"id": list(data.queries), "text": list(data.queries.values())})
         return {"default": {self.split: {"corpus": corpus, "queries": queries, "relevant_docs": data.qrels, "top_ranked": None}}}
 
@@ -126,7 +121,7 @@ class STSTask(Task):
     mteb_generic: ClassVar[str] = "STSBenchmark"
 
     def load(self) -> "STSData":
-        path = _require(self.path / f"{self.split}.tsv", self)
+        path = self.path / f"{self.split}.tsv"
         rows = _read_table(path, "\t", self)
         header = rows[0][1]
         missing = [c for c in ("sentence1", "sentence2", "score") if c not in header]
@@ -174,20 +169,18 @@ class ClassificationTask(Task):
     mteb_generic: ClassVar[str] = "Banking77Classification"
 
     def load(self) -> "ClassificationData":
-        train = _labelled(_require(self.path / f"{self.train_split}.csv", self), self)
-        test = _labelled(_require(self.path / f"{self.split}.csv", self), self)
+        train = _labelled(self.path / f"{self.train_split}.csv", self)
+        test = _labelled(self.path / f"{self.split}.csv", self)
         names = _label_order(self.path, [label for _, label in train], self)
         index = {label: i for i, label in enumerate(names)}
         unseen = sorted({label for _, label in test} - set(index))
         if unseen:
-            raise EvalError(
-                f"task {self.name}: {self.path / (self.split + '.csv')}: label(s) {unseen[:5]} never occur in {self.train_split}.csv"
-            )
+            raise EvalError(f"task {self.name}: {self.path / (self.split + '.csv')}: label(s) {unseen[:5]} never "
+                            f"occur in {self.train_split}.csv")
         if len(names) < 2:
             raise EvalError(f"task {self.name}: {self.path / (self.train_split + '.csv')}: needs at least 2 labels, found {len(names)}")
-        return ClassificationData(
-            [t for t, _ in train], [index[l] for _, l in train], [t for t, _ in test], [index[l] for _, l in test], names
-        )
+        return ClassificationData([t for t, _ in train], [index[l] for _, l in train], [t for t, _ in test],
+                                  [index[l] for _, l in test], names)
 
     def score(self, data, embed, prompts, dims):
         draws = metrics.undersample(data.train_labels, self.n_experiments, self.samples_per_label, self.seed)
@@ -199,15 +192,9 @@ class ClassificationTask(Task):
         for dim in dims:
             train_dim = truncate(train_full, dim)
             out[dim] = metrics.classification_scores(
-                lambda idx, m=train_dim: m[[row[j] for j in idx]],
-                data.train_labels,
-                truncate(test_full, dim),
-                data.test_labels,
-                n_experiments=self.n_experiments,
-                samples_per_label=self.samples_per_label,
-                max_iter=self.max_iter,
-                seed=self.seed,
-            )
+                lambda idx, m=train_dim: m[[row[j] for j in idx]], data.train_labels, truncate(test_full, dim),
+                data.test_labels, n_experiments=self.n_experiments, samples_per_label=self.samples_per_label,
+                max_iter=self.max_iter, seed=self.seed)
         return out
 
     def mteb_dataset(self, data):
@@ -252,15 +239,11 @@ IDENTICAL_IDS: dict[str, bool | None] = {"auto": None, "yes": True, "no": False}
 # with mteb installed its task classes are read instead (`mteb_backend.ignore_identical_ids_by_task`).
 MTEB_IGNORE_IDENTICAL_IDS: dict[str, bool] = {
     **dict.fromkeys(("ArguAna", "FEVER", "FiQA2018", "MSMARCO", "QuoraRetrieval"), True),
-    **dict.fromkeys(
-        ("ClimateFEVER", "DBPedia", "HotpotQA", "NFCorpus", "NQ", "SCIDOCS", "SciFact", "Touche2020", "TRECCOVID")
-        + tuple(
-            f"CQADupstack{forum}Retrieval"
-            for forum in ("Android", "English", "Gaming", "Gis", "Mathematica", "Physics", "Programmers", "Stats", "Tex",
-                          "Unix", "Webmasters", "Wordpress")
-        ),
-        False,
-    ),
+    **dict.fromkeys(("ClimateFEVER", "DBPedia", "HotpotQA", "NFCorpus", "NQ", "SCIDOCS", "SciFact", "Touche2020",
+                     "TRECCOVID"), False),
+    **{f"CQADupstack{forum}Retrieval": False for forum in ("Android", "English", "Gaming", "Gis", "Mathematica",
+                                                           "Physics", "Programmers", "Stats", "Tex", "Unix",
+                                                           "Webmasters", "Wordpress")},
 }
 # BEIR folder names that do not normalise to their MTEB task's name
 BEIR_FOLDERS = {"fiqa": "FiQA2018", "dbpedia-entity": "DBPedia", "webis-touche2020": "Touche2020"}
@@ -372,14 +355,10 @@ class RetrievalData(TaskData):
 
     def protocol(self) -> dict:
         """How the ranking was scored, for results files."""
-        return {
-            "ignore_identical_ids": self.ignore_identical_ids,
-            "identical_ids_rule": self.identical_ids_rule,
-            "query_ids_in_corpus": self.query_ids_in_corpus,
-            "qrels_absent_from_corpus": {
-                "file": self.qrels_file, "count": len(self.absent), "first": [doc for _, doc in self.absent[:3]]
-            },
-        }
+        return {"ignore_identical_ids": self.ignore_identical_ids, "identical_ids_rule": self.identical_ids_rule,
+                "query_ids_in_corpus": self.query_ids_in_corpus,
+                "qrels_absent_from_corpus": {"file": self.qrels_file, "count": len(self.absent),
+                                             "first": [doc for _, doc in self.absent[:3]]}}
 
     def notes(self, name: str) -> list[str]:
         """One line for each departure from a plain BEIR folder, for the user to see before scoring."""
@@ -442,12 +421,6 @@ def identical_ids_rule(task: RetrievalTask, query_ids_in_corpus: int) -> tuple[b
     return True, "BEIR's default for a task that does not say"
 
 
-def _require(path: Path, task: Task) -> Path:
-    if not path.is_file():
-        raise EvalError(f"task {task.name}: {path}: no such file")
-    return path
-
-
 def _labelled(path: Path, task: Task) -> list[tuple[str, str]]:
     rows = _read_table(path, ",", task)
     header = rows[0][1]
@@ -487,6 +460,8 @@ def _label_order(root: Path, train_labels: list[str], task: Task) -> list[str]:
 
 def _read_table(path: Path, delimiter: str, task: Task) -> list[tuple[int, list[str]]]:
     """(line number, fields) of a CSV (RFC 4180 quoting) or TSV (no quoting); the first row is the header."""
+    if not path.is_file():
+        raise EvalError(f"task {task.name}: {path}: no such file")
     try:
         text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as err:

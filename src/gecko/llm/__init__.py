@@ -20,18 +20,8 @@ SPEC_KINDS = ("llamacpp", "openai", "transformers")
 SPEC_HELP = "default, llamacpp:PATH.gguf|default, openai:URL#MODEL or transformers:DIR|FILE.gguf|default"
 
 __all__ = [
-    "LLM",
-    "CachedLLM",
-    "ContinuationScore",
-    "GenerationParams",
-    "LabelScores",
-    "LLMCache",
-    "LLMError",
-    "LLMSpec",
-    "BudgetExceeded",
-    "Price",
-    "load_llm",
-    "open_backend",
+    "LLM", "CachedLLM", "ContinuationScore", "GenerationParams", "LabelScores", "LLMCache", "LLMError", "LLMSpec",
+    "BudgetExceeded", "Price", "load_llm", "open_backend"
 ]
 
 

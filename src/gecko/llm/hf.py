@@ -23,15 +23,8 @@ import torch
 from gecko.llm import slots
 from gecko.llm.engine import default_dtype
 from gecko.llm.base import (
-    ContinuationScore,
-    GenerationParams,
-    JointRequest,
-    JointScore,
-    LabelScores,
-    LLMError,
-    label_logprobs_by_scoring,
-    llm_threads,
-    score_and_label_by_parts,
+    ContinuationScore, GenerationParams, JointRequest, JointScore, LabelScores, LLMError, label_logprobs_by_scoring,
+    llm_threads, score_and_label_by_parts,
 )
 from gecko.llm.sampling import prompt_seed, sample_rows
 from gecko.llm.slots import SlotKV
@@ -111,13 +104,8 @@ def batches(items: list[int], lengths: list[int]) -> list[list[int]]:
 
 
 class TransformersLLM:
-    def __init__(
-        self,
-        model: str | Path = DEFAULT,
-        dtype: str | None = None,
-        device: str | None = None,
-        n_threads: int | None = None,
-    ):
+    def __init__(self, model: str | Path = DEFAULT, dtype: str | None = None, device: str | None = None,
+                 n_threads: int | None = None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         path = default_gguf_path() if str(model) == DEFAULT else Path(model)
@@ -138,9 +126,8 @@ class TransformersLLM:
         self.identity = f"transformers:{sha}:{dtype}"
         self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         slots.register_attention()
-        self.model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=DTYPES[dtype], local_files_only=True, attn_implementation=slots.ATTENTION
-        )
+        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype], local_files_only=True,
+                                                          attn_implementation=slots.ATTENTION)
         self.model.to(self.device).eval()
         self.body = self.model.model if hasattr(self.model, "model") else self.model.get_decoder()
         self.head = self.model.get_output_embeddings()
@@ -284,9 +271,8 @@ class TransformersLLM:
                 last[todo[r]] = hidden[r - lo, len(own[todo[r]]) - 1]
         for r, i in enumerate(todo):
             kv.copy_row(i, fresh, r, root, len(encoded[i]))
-        self._prefilled = Prefilled(
-            self._root_tokens[:root], fresh, {tuple(encoded[i]): r for i, r in rows_of.items()}, {r: last[i] for i, r in rows_of.items()}
-        )
+        self._prefilled = Prefilled(self._root_tokens[:root], fresh, {tuple(encoded[i]): r for i, r in rows_of.items()},
+                                    {r: last[i] for i, r in rows_of.items()})
         return kv, last
 
     def _root_want(self, tokens: list[int]) -> int:

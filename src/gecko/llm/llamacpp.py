@@ -28,15 +28,8 @@ import numpy as np
 import torch
 
 from gecko.llm.base import (
-    ContinuationScore,
-    GenerationParams,
-    JointRequest,
-    JointScore,
-    LabelScores,
-    LLMError,
-    label_logprobs_by_scoring,
-    llm_threads,
-    score_and_label_by_parts,
+    ContinuationScore, GenerationParams, JointRequest, JointScore, LabelScores, LLMError, label_logprobs_by_scoring,
+    llm_threads, score_and_label_by_parts,
 )
 from gecko.llm.sampling import prompt_seed, sample_rows
 from gecko.models import DEFAULT, default_gguf_path, file_sha256
@@ -56,13 +49,8 @@ def log_softmax_at(row: np.ndarray, token: int) -> float:
 
 
 class LlamaCppLLM:
-    def __init__(
-        self,
-        model: str | Path = DEFAULT,
-        n_ctx: int = 8192,
-        n_threads: int | None = None,
-        max_batch: int = 8,
-    ):
+    def __init__(self, model: str | Path = DEFAULT, n_ctx: int = 8192, n_threads: int | None = None,
+                 max_batch: int = 8):
         import llama_cpp
         from llama_cpp import Llama, _internals
         from llama_cpp._utils import suppress_stdout_stderr

@@ -9,34 +9,13 @@ resume), `report` (report.md and its plots).
 """
 
 from gecko.pipeline.config import (
-    ConfigError,
-    EvalStage,
-    EvalTask,
-    GenerateStage,
-    PipelineConfig,
-    RelabelStage,
-    TrainStage,
-    load_config,
+    ConfigError, EvalStage, EvalTask, GenerateStage, PipelineConfig, RelabelStage, TrainStage, load_config
 )
 from gecko.pipeline.report import before_after_rows, before_after_table
 from gecko.pipeline.run import STAGES, PipelineError, RunResult, StageRun, read_manifest, run_pipeline, start_in_background
 
 __all__ = [
-    "ConfigError",
-    "EvalStage",
-    "EvalTask",
-    "GenerateStage",
-    "PipelineConfig",
-    "PipelineError",
-    "RelabelStage",
-    "RunResult",
-    "STAGES",
-    "StageRun",
-    "TrainStage",
-    "before_after_rows",
-    "before_after_table",
-    "load_config",
-    "read_manifest",
-    "run_pipeline",
-    "start_in_background",
+    "ConfigError", "EvalStage", "EvalTask", "GenerateStage", "PipelineConfig", "PipelineError", "RelabelStage",
+    "RunResult", "STAGES", "StageRun", "TrainStage", "before_after_rows", "before_after_table", "load_config",
+    "read_manifest", "run_pipeline", "start_in_background"
 ]

@@ -329,8 +329,8 @@ def _section(raw: dict, name: str) -> dict:
 
 
 def _build(raw: dict) -> PipelineConfig:
-    top = {"run_dir", "corpus", "llm", "llm_cache", "llm_options", "prices", "max_cost", "generate", "relabel", "train", "eval"}
-    _check_keys(raw, top, "")
+    top_keys = ("run_dir", "corpus", "llm", "llm_cache", "llm_options", "prices", "max_cost")
+    _check_keys(raw, {*top_keys, "generate", "relabel", "train", "eval"}, "")
     for name in ("run_dir", "corpus"):
         if not raw.get(name):
             raise _KeyProblem(name, "required (a path)")
@@ -380,9 +380,7 @@ def _build(raw: dict) -> PipelineConfig:
     for task in task_list:
         _check_task(task)
 
-    top_values = {k: raw.get(k) for k in ("run_dir", "corpus", "llm", "llm_cache", "llm_options", "prices", "max_cost")
-                  if raw.get(k) is not None}
-    base = _validate(PipelineConfig, top_values, "")
+    base = _validate(PipelineConfig, {k: raw[k] for k in top_keys if raw.get(k) is not None}, "")
     inputs = {"corpus": base.corpus, "generate.corpus": gen.corpus, **{f"train.data.{i}": d.path for i, d in enumerate(specs)}}
     if stage.settings.get("pretrain") is not None:
         inputs.update({f"train.pretrain.data.{i}": d.path for i, d in enumerate(stage.settings["pretrain"].data)})

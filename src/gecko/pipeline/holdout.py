@@ -55,7 +55,6 @@ def split_holdout(relabeled: Path, corpus: str, out_dir: Path, share: float, max
     if not held:
         return HoldoutSplit(train, None, 0, len(rows))
     folder = out_dir / TASK_NAME
-    (folder / "qrels").mkdir(parents=True, exist_ok=True)
     write_jsonl_atomic(folder / "corpus.jsonl",
                        ({"_id": p.id, "title": p.title, "text": p.text} for p in iter_passages(corpus)))
     write_jsonl_atomic(folder / "queries.jsonl", ({"_id": row["id"], "text": row["query"]} for row in held))

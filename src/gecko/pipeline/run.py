@@ -259,27 +259,15 @@ def _run_stage(ctx: _Context, stage: _Stage) -> StageRun:
               "resuming an interrupted run" if resume else "its outputs were changed or removed: running again" if same
               else "config or inputs changed: running again" if old else "first run")
     ctx.say(f"== {stage.name}: {reason}")
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "stage": stage.name,
-        "status": "running",
-        "fingerprint": fingerprint,
-        "config": config,
-        "inputs": inputs,
-        "started": _now(),
-        "attempt": (old.get("attempt", 1) + 1) if resume and old else 1,
-    }
+    manifest = {"format": MANIFEST_FORMAT, "stage": stage.name, "status": "running", "fingerprint": fingerprint,
+                "config": config, "inputs": inputs, "started": _now(),
+                "attempt": (old.get("attempt", 1) + 1) if resume and old else 1}
     write_json_atomic(path, manifest)
     started = time.perf_counter()
     outputs, counts, summary, text = stage.run(ctx, directory, resume)
-    manifest.update(
-        status="done",
-        finished=_now(),
-        wall_s=round(time.perf_counter() - started, 2),
-        outputs={role: {"path": str(p.relative_to(ctx.run_dir)), "sha256": content_hash(p)} for role, p in outputs.items()},
-        counts=counts,
-        summary=summary,
-    )
+    manifest.update(status="done", finished=_now(), wall_s=round(time.perf_counter() - started, 2))
+    manifest.update(outputs={role: {"path": str(p.relative_to(ctx.run_dir)), "sha256": content_hash(p)}
+                             for role, p in outputs.items()}, counts=counts, summary=summary)
     write_json_atomic(path, manifest)
     ctx.say(text + f"\n({stage.name}: {manifest['wall_s']:.0f} s)\n")
     return StageRun(stage.name, "resumed" if resume else "ran", manifest)
@@ -341,13 +329,8 @@ def _train_plan(ctx: _Context):
     if pretrain is not None:  # its sources are inputs too: hashed, not named by path
         settings["pretrain"]["data"] = [_without_path(d) for d in pretrain.data]
         inputs.update({f"pretrain.data.{i}": d.path for i, d in enumerate(pretrain.data)})
-    config = {
-        "settings": settings,
-        "base": embedder_identity(st.settings.get("base", DEFAULT)),
-        "data": [_without_path(d) for d in st.data],
-        "weight": st.weight,
-        "holdout": [st.holdout, st.holdout_max],
-    }
+    config = {"settings": settings, "base": embedder_identity(st.settings.get("base", DEFAULT)),
+              "data": [_without_path(d) for d in st.data], "weight": st.weight, "holdout": [st.holdout, st.holdout_max]}
     inputs["corpus"] = ctx.config.corpus  # the held-out check's corpus, the listwise term's candidate texts
     return config, inputs
 
@@ -379,11 +362,9 @@ def _train_run(ctx: _Context, directory: Path, resume: bool):
 
 def _eval_plan(ctx: _Context):
     st = ctx.config.eval
-    config = {
-        **{k: v for k, v in plain_data(st).items() if k not in ("tasks", "cache_dir")},
-        "tasks": [{k: v for k, v in plain_data(t).items() if k != "path"} for t in st.tasks],
-        "base": embedder_identity(ctx.config.train.settings.get("base", DEFAULT)) if st.baseline else None,
-    }
+    config = {**{k: v for k, v in plain_data(st).items() if k not in ("tasks", "cache_dir")},
+              "tasks": [_without_path(t) for t in st.tasks],
+              "base": embedder_identity(ctx.config.train.settings.get("base", DEFAULT)) if st.baseline else None}
     inputs = {"model": ctx.run_dir / "train" / "model"}
     inputs.update({f"task.{t.name}": t.path for t in st.tasks})
     if (_holdout_folder(ctx) / "qrels").is_dir():
@@ -426,10 +407,6 @@ def _eval_run(ctx: _Context, directory: Path, resume: bool):
     return outputs, counts, {"before_after": rows[st.prompts], "before_after_by_prompts": rows}, table
 
 
-_STAGES = [
-    _Stage("generate", _generate_plan, _generate_run),
-    _Stage("relabel", _relabel_plan, _relabel_run),
-    _Stage("train", _train_plan, _train_run),
-    _Stage("eval", _eval_plan, _eval_run),
-]
+_STAGES = [_Stage("generate", _generate_plan, _generate_run), _Stage("relabel", _relabel_plan, _relabel_run),
+           _Stage("train", _train_plan, _train_run), _Stage("eval", _eval_plan, _eval_run)]
 STAGES = tuple(s.name for s in _STAGES)

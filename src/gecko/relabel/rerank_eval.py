@@ -95,19 +95,10 @@ class RerankEvalResult:
         return "\n".join(lines)
 
 
-def run_rerank_eval(
-    dataset: str | Path,
-    llm: LLM,
-    *,
-    top_n: int = 20,
-    limit: int | None = None,
-    split: str = "test",
-    score: ScoreConfig = ScoreConfig(),
-    retrieve: RetrieveConfig = RetrieveConfig(query_format="{query}"),
-    progress: bool = True,
-    ignore_identical_ids: bool | None = None,
-    strict: bool | None = None,
-) -> RerankEvalResult:
+def run_rerank_eval(dataset: str | Path, llm: LLM, *, top_n: int = 20, limit: int | None = None, split: str = "test",
+                    score: ScoreConfig = ScoreConfig(),
+                    retrieve: RetrieveConfig = RetrieveConfig(query_format="{query}"), progress: bool = True,
+                    ignore_identical_ids: bool | None = None, strict: bool | None = None) -> RerankEvalResult:
     """nDCG@10 of the retriever alone and re-ranked by QL / RC / fusions over its top-N.
 
     `limit` keeps the first N judged queries (in qrels order) to bound the LLM's cost.
@@ -116,10 +107,8 @@ def run_rerank_eval(
     """
     times: dict[str, float] = {}
     start = time.perf_counter()
-    (task,) = as_tasks(
-        resolve_task(Path(dataset).name, dataset, type="retrieval", split=split),
-        ignore_identical_ids=ignore_identical_ids, strict=strict,
-    )
+    (task,) = as_tasks(resolve_task(Path(dataset).name, dataset, type="retrieval", split=split),
+                       ignore_identical_ids=ignore_identical_ids, strict=strict)
     data = load_task_data(task)
     for line in data.notes(task.name):
         print(f"gecko rerank-eval: {line}", file=sys.stderr)
@@ -135,17 +124,10 @@ def run_rerank_eval(
     qrels = {q: data.qrels[q] for q in qids}
     usage = meter.used()
     return RerankEvalResult(
-        dataset=str(dataset),
-        queries=len(qids),
-        top_n=top_n,
-        **_metrics(ranked, qrels, top_n),
-        spearman={k: float(np.mean(v)) for k, v in rhos.items() if v},
-        pairs=len(pair_scores),
-        llm_calls=usage.calls,
-        llm_cache_hits=usage.cache_hits,
-        tokens_evaluated=usage.evaluated_tokens,
-        times={k: round(v, 2) for k, v in times.items()},
-        query_ids=qids,
+        dataset=str(dataset), queries=len(qids), top_n=top_n, **_metrics(ranked, qrels, top_n),
+        spearman={k: float(np.mean(v)) for k, v in rhos.items() if v}, pairs=len(pair_scores), llm_calls=usage.calls,
+        llm_cache_hits=usage.cache_hits, tokens_evaluated=usage.evaluated_tokens,
+        times={k: round(v, 2) for k, v in times.items()}, query_ids=qids,
         config={"llm": getattr(llm, "identity", "?"), "score": {**asdict(score), "prompt_id": score.prompt.id},
                 "retrieve": asdict(retrieve), "split": split, "limit": limit, "protocol": data.protocol()},
     )
@@ -187,7 +169,8 @@ def _rerank(data, cands: dict[str, list[int]], pair_scores: dict[tuple[str, int]
             score: ScoreConfig) -> tuple[dict[str, dict[str, list[str]]], dict[str, list[float]]]:
     """Each order's ranked document ids per query, and the per-query rank correlations of the signals."""
     ranked: dict[str, dict[str, list[str]]] = {name: {} for name in ORDERS}
-    rhos: dict[str, list[float]] = {"QL~RC": [], "QL~retriever": [], "RC~retriever": []}
+    pairs_compared = {"QL~RC": ("ql", "rc"), "QL~retriever": ("ql", "retriever"), "RC~retriever": ("rc", "retriever")}
+    rhos: dict[str, list[float]] = {name: [] for name in pairs_compared}
     for q, ids in cands.items():
         pairs = [pair_scores[(q, i)] for i in ids]
         signals = {"retriever": list(range(1, len(ids) + 1))}
@@ -204,7 +187,7 @@ def _rerank(data, cands: dict[str, list[int]], pair_scores: dict[tuple[str, int]
             for pos, r in enumerate(order):
                 docs[r - 1] = data.corpus[ids[pos]].doc_id
             ranked[name][q] = list(dict.fromkeys(docs))
-        for pair, (a, b) in {"QL~RC": ("ql", "rc"), "QL~retriever": ("ql", "retriever"), "RC~retriever": ("rc", "retriever")}.items():
+        for pair, (a, b) in pairs_compared.items():
             if a in signals and b in signals:
                 rhos[pair].append(spearman(signals[a], signals[b]))
     return ranked, rhos

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import random
 import time
 from collections import Counter
@@ -27,7 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from gecko.corpus import CorpusError, Passage, load_corpus, read_jsonl
-from gecko.journal import Journal, write_json_atomic, write_jsonl_atomic
+from gecko.journal import Journal, replacing, write_json_atomic, write_jsonl_atomic
 from gecko.llm.base import LLM
 from gecko.llm.usage import BudgetExceeded, UsageMeter, usage_line
 from gecko.options import option
@@ -287,13 +286,8 @@ def _norm_text(text: str) -> str:
     return " ".join(text.lower().split())
 
 
-def build_example(
-    record: GeneratedRecord,
-    entry: dict,
-    passages: dict[str, Passage],
-    config: RelabelConfig,
-    fusion: str | None = None,
-) -> tuple[RelabelExample | None, str | None, dict]:
+def build_example(record: GeneratedRecord, entry: dict, passages: dict[str, Passage], config: RelabelConfig,
+                  fusion: str | None = None) -> tuple[RelabelExample | None, str | None, dict]:
     """Fuse one journaled query's scores into an example; (None, reason) when it cannot be one.
 
     Also returns the per-candidate signal ranks, for the summary. `fusion`: what the example
@@ -333,43 +327,26 @@ def build_example(
     negatives = select_negatives(order, config.negative, config.n_negatives, rng, exclude)
     if not negatives:
         return None, "no_negative", signals
+    unranked = [None] * len(rows)
     candidates = [
-        Candidate(
-            id=ids[i],
-            retriever_rank=i + 1,
-            retriever_score=round(float(rows[i][1]), 6),
-            ql=None if ql[i] is None else round(ql[i], 4),
-            rc=None if rc[i] is None else round(rc[i], 4),
-            ql_rank=signals.get("ql", [None] * len(rows))[i],
-            rc_rank=signals.get("rc", [None] * len(rows))[i],
-            fused=round(fused[i], 6),
-            rank=order_rank[i],
-        )
+        Candidate(id=ids[i], retriever_rank=i + 1, retriever_score=round(float(rows[i][1]), 6),
+                  ql=None if ql[i] is None else round(ql[i], 4), rc=None if rc[i] is None else round(rc[i], 4),
+                  ql_rank=signals.get("ql", unranked)[i], rc_rank=signals.get("rc", unranked)[i],
+                  fused=round(fused[i], 6), rank=order_rank[i])
         for i in range(len(rows))
     ]
     neg_ps = [passages[ids[i]] for i in negatives]
     several = config.n_negatives > 1
     example = RelabelExample(
-        id=record.id,
-        seed_id=record.seed_id,
-        task_type=record.task_type,
-        task=record.task,
-        query=record.query,
-        positive=pos_p.text,
-        negative=[p.text for p in neg_ps] if several else neg_ps[0].text,
-        positive_id=pos_p.id,
-        negative_id=neg_ps[0].id,
-        positive_title=pos_p.title,
+        id=record.id, seed_id=record.seed_id, task_type=record.task_type, task=record.task, query=record.query,
+        positive=pos_p.text, negative=[p.text for p in neg_ps] if several else neg_ps[0].text,
+        positive_id=pos_p.id, negative_id=neg_ps[0].id, positive_title=pos_p.title,
         negative_title=[p.title for p in neg_ps] if several else neg_ps[0].title,
-        negative_ids=[ids[i] for i in negatives],
-        positive_changed=pos_p.id != record.seed_id,
+        negative_ids=[ids[i] for i in negatives], positive_changed=pos_p.id != record.seed_id,
         likely_false_negatives=[ids[i] for i in sorted(suspects)],
-        positive_retriever_rank=None if positive is None else positive + 1,
-        seed_rank=entry["seed_rank"],
-        seed_score=round(entry["seed_score"], 6),
-        seed_margin=round(entry["seed_margin"], 6),
-        fusion=fusion or config.fusion,
-        candidates=candidates,
+        positive_retriever_rank=None if positive is None else positive + 1, seed_rank=entry["seed_rank"],
+        seed_score=round(entry["seed_score"], 6), seed_margin=round(entry["seed_margin"], 6),
+        fusion=fusion or config.fusion, candidates=candidates,
     )
     return example, None, signals
 
@@ -401,9 +378,8 @@ def write_rows(out: Path, rows: list[dict]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    pq.write_table(pa.Table.from_pylist(rows), tmp)
-    os.replace(tmp, out)
+    with replacing(out) as tmp:
+        pq.write_table(pa.Table.from_pylist(rows), tmp)
 
 
 Group = tuple[Passage, list[str]]  # a passage and every query of the chunk that retrieved it
@@ -481,19 +457,10 @@ class ScoreStats:
         summary.rc_bounds = dict(self.rc_bounds)
 
 
-def run_relabel(
-    generated: str | Path,
-    corpus: str | Path,
-    out: str | Path,
-    llm: LLM,
-    config: RelabelConfig = RelabelConfig(),
-    *,
-    limit: int | None = None,
-    progress: bool = True,
-    corpus_options: dict | None = None,
-    score_groups: GroupScorer = score_groups_locally,
-    write: Callable[[Path, list[dict]], object] = write_rows,
-) -> RelabelSummary:
+def run_relabel(generated: str | Path, corpus: str | Path, out: str | Path, llm: LLM,
+                config: RelabelConfig = RelabelConfig(), *, limit: int | None = None, progress: bool = True,
+                corpus_options: dict | None = None, score_groups: GroupScorer = score_groups_locally,
+                write: Callable[[Path, list[dict]], object] = write_rows) -> RelabelSummary:
     """Relabel `generated` against `corpus` into `out` (.jsonl or .parquet); resumable via OUT.journal.
 
     `score_groups` scores each chunk's (passage, queries) groups (`gecko.scale` sends them to
@@ -533,13 +500,9 @@ def run_relabel(
     summary.ql_unavailable, summary.fusion_used = ql_unavailable, fusion_used
     summary.times = {k: round(v, 2) for k, v in times.items()}
     summary.wall_s = round(time.perf_counter() - started, 2)
-    summary.config = {
-        "llm": getattr(llm, "identity", "?"),
-        "prompt_id": config.score.prompt.id,
-        **{k: v for k, v in asdict(configured).items() if k not in ("score", "retrieve")},
-        "score": asdict(config.score),
-        "retrieve": asdict(config.retrieve),
-    }
+    summary.config = {"llm": getattr(llm, "identity", "?"), "prompt_id": config.score.prompt.id,
+                      **{k: v for k, v in asdict(configured).items() if k not in ("score", "retrieve")},
+                      "score": asdict(config.score), "retrieve": asdict(config.retrieve)}
     write_json_atomic(out.with_name(out.name + ".summary.json"), summary.to_dict())
     return summary
 
@@ -608,18 +571,9 @@ def _assemble(records: list[GeneratedRecord], entries: dict[str, dict], passages
     return rows
 
 
-def _relabel_chunk(
-    chunk: list[GeneratedRecord],
-    retriever: Retriever,
-    scorer: PairScorer,
-    score_groups: GroupScorer,
-    position: dict[str, int],
-    config: RelabelConfig,
-    journal: Journal,
-    key: str,
-    times: Counter,
-    bar,
-) -> None:
+def _relabel_chunk(chunk: list[GeneratedRecord], retriever: Retriever, scorer: PairScorer, score_groups: GroupScorer,
+                   position: dict[str, int], config: RelabelConfig, journal: Journal, key: str, times: Counter,
+                   bar) -> None:
     """Retrieve and score one chunk of queries; each query is journaled when its last pair is scored.
 
     A query with a score that is not finite stops the run (`InvalidScore`) or, with `lenient`,
@@ -644,13 +598,9 @@ def _relabel_chunk(
         seed_score = float(seed_scores[q])
         others = [found[q][i] for i in ids if i != seed]
         margin = seed_score - (max(others) if others else seed_score)
-        entry = {
-            "score_key": key,
-            "candidates": [[retriever.passages[i].id, float(found[q][i]), *results[q][i].to_list()] for i in ids],
-            "seed_rank": seed_rank,
-            "seed_score": seed_score,
-            "seed_margin": margin,
-        }
+        entry = {"score_key": key,
+                 "candidates": [[retriever.passages[i].id, float(found[q][i]), *results[q][i].to_list()] for i in ids],
+                 "seed_rank": seed_rank, "seed_score": seed_score, "seed_margin": margin}
         problems = ((retriever.passages[i].id, results[q][i].not_finite()) for i in ids)
         invalid = next((f"query {r.id!r}, passage {pid!r}: {what}" for pid, what in problems if what), None)
         if invalid and not config.lenient:
