@@ -16,6 +16,7 @@ torch.set_num_threads(1)
 from gecko.cli import main  # noqa: E402
 from gecko.corpus import CorpusError  # noqa: E402
 import gecko.encode  # noqa: E402
+import gecko.journal  # noqa: E402
 from gecko.embed import EmbedError, Embedder  # noqa: E402
 from gecko.encode import encode_file, input_format, load_embeddings  # noqa: E402
 from gecko.models import default_embedder_path  # noqa: E402
@@ -146,7 +147,7 @@ def test_npy_and_ids_are_never_a_mismatched_pair(encoder, corpus, tmp_path, monk
 
     three = tmp_path / "three.jsonl"
     three.write_text("".join(json.dumps(d) + "\n" for d in DOCS[:3]))
-    renamed, real = [], gecko.encode.replace_durably
+    renamed, real = [], gecko.journal.replace_durably
 
     def killed_before_the_ids(tmp, path):  # the process dies between the two renames
         renamed.append((path.name, (tmp_path / "emb.ids.json").exists()))
@@ -154,7 +155,7 @@ def test_npy_and_ids_are_never_a_mismatched_pair(encoder, corpus, tmp_path, monk
             raise KeyboardInterrupt
         real(tmp, path)
 
-    monkeypatch.setattr(gecko.encode, "replace_durably", killed_before_the_ids)
+    monkeypatch.setattr(gecko.journal, "replace_durably", killed_before_the_ids)
     with pytest.raises(KeyboardInterrupt):
         encode_file(three, out, encoder, progress=False)
     assert renamed == [("emb.npy", False), ("emb.ids.json", False)]  # the old ids were gone before the new .npy came

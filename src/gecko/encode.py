@@ -23,7 +23,7 @@ import numpy as np
 from gecko.corpus import CorpusError, CorpusSummary, Passage, iter_passages
 from gecko.embed import EmbedError, Embedder
 from gecko.formats import format_document, is_document_prompt, plain_document, query_prompt
-from gecko.journal import fsync_path, replace_durably
+from gecko.journal import replacing
 from gecko.models import DEFAULT
 
 AS_CHOICES = ("query", "document")
@@ -191,19 +191,6 @@ def _chunks(items: Iterator[Passage], size: int) -> Iterator[list[Passage]]:
 # ---------------------------------------------------------------- output
 
 
-@contextlib.contextmanager
-def _replacing(path: Path):
-    """A temp path beside `path`, synced and renamed over it on success, removed on failure."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        yield tmp
-        fsync_path(tmp)
-        replace_durably(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 class _NpyWriter:
     """A float32 .npy written row chunk by row chunk; the header, of fixed size, gets the row count at the end.
 
@@ -223,8 +210,8 @@ class _NpyWriter:
 
     def __enter__(self):
         # exits run in reverse: close the .npy, remove the old ids, rename the .npy, then the ids
-        self._ids = self._stack.enter_context(open(self._stack.enter_context(_replacing(self.ids_path)), "w", encoding="utf-8"))
-        npy = self._stack.enter_context(_replacing(self.path))
+        self._ids = self._stack.enter_context(open(self._stack.enter_context(replacing(self.ids_path)), "w", encoding="utf-8"))
+        npy = self._stack.enter_context(replacing(self.path))
         self._stack.callback(self._uncommit)
         self._npy = self._stack.enter_context(open(npy, "wb"))
         self._npy.write(self._header())
@@ -270,7 +257,7 @@ class _ParquetWriter:
     def __enter__(self):
         import pyarrow.parquet as pq
 
-        self._writer = pq.ParquetWriter(str(self._stack.enter_context(_replacing(self.path))), self.schema)
+        self._writer = pq.ParquetWriter(str(self._stack.enter_context(replacing(self.path))), self.schema)
         return self
 
     def write(self, ids: list[str], emb: np.ndarray) -> None:
