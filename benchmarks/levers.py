@@ -1,0 +1,151 @@
+"""Issue 19's levers, each one `gecko train` run on the committed FRet data, scored by quality.py.
+
+One command trains the named levers' models (skipped when already trained) and prints quality.py's
+table for them, paired against `--versus`:
+
+    .venv/bin/python benchmarks/levers.py recipe kl --versus recipe [--split train|test] [--sts stsb,...]
+
+Training rows come from the relabel outputs in `benchmarks/data/` (no LLM work): the parts a lever
+names, concatenated, minus the seeds `gecko run`'s label-free check holds out (its default share and
+cap), written to OUT/data-PARTS[-guardR]/train.jsonl. A lever with a false-negative guard first
+rewrites each part from its committed relabel journal with `gecko relabel --false-negative-ratio`
+(the LLM is loaded, no pair is scored: the journal's entries carry the LLM identity, so the
+transformers bf16 engine they were scored with is asked for).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from quality import DATA
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMITTED = ROOT / "benchmarks" / "data"
+CORPUS = DATA / "scifact" / "corpus.jsonl.gz"
+
+
+@dataclass(frozen=True)
+class Part:
+    """One committed relabel output and the generated queries it was made from (lines [start, stop))."""
+
+    generated: str
+    start: int
+    stop: int | None
+    relabeled: str
+
+
+PARTS = {
+    "a": Part("scifact-1500x2/generated.jsonl.gz", 0, 1500, "scifact-1500x2/relabeled.jsonl.gz"),
+    "b": Part("scifact-1500x2/generated.jsonl.gz", 1500, None, "scifact-1500x2/relabeled-b.jsonl.gz"),
+    "c": Part("scifact-rest/generated-c.jsonl.gz", 0, None, "scifact-rest/relabeled-c.jsonl.gz"),
+}
+
+
+@dataclass(frozen=True)
+class Lever:
+    parts: str  # PARTS keys
+    train_args: tuple[str, ...] = ()  # gecko train options besides --data/--corpus/--out/--max-seq-length
+    guard: float | None = None  # relabel's --false-negative-ratio
+    texts: bool = True  # --corpus: the candidates' texts, so the KL term is on by default (off: the recipe alone)
+
+
+# the README's rows; 128 tokens in training as the recipe's run (train.max_seq_length=128)
+MAX_SEQ_LENGTH = "128"
+LEVERS = {
+    "recipe": Lever("ab", texts=False),
+    "kl": Lever("ab"),  # the default: the listwise KL term, QL teacher at t=5, lists of 6
+    "b128": Lever("ab", ("--batch-size", "128")),
+    "guard": Lever("ab", guard=0.95),
+    "qlret": Lever("ab", ("--distill-teacher", "ql+retriever")),
+    "full-recipe": Lever("abc", texts=False),
+    "full": Lever("abc"),
+}
+
+
+def gecko(*args: str, env: dict[str, str] | None = None, log: Path | None = None) -> None:
+    command = [sys.executable, "-m", "gecko.cli", *args]
+    print("$ gecko " + " ".join(args), flush=True)
+    with open(log, "w") if log else open(os.devnull, "w") as sink:
+        done = subprocess.run(command, env={**os.environ, **(env or {})}, stdout=sink, stderr=subprocess.STDOUT)
+    if done.returncode:
+        sys.exit(f"gecko {args[0]} failed ({done.returncode}){f': see {log}' if log else ''}")
+
+
+def gunzip_lines(path: Path, out: Path, start: int = 0, stop: int | None = None) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(path, "rt") as src, open(out, "w") as dst:
+        dst.writelines(line for i, line in enumerate(src) if i >= start and (stop is None or i < stop))
+    return out
+
+
+def guarded(key: str, ratio: float, work: Path) -> Path:
+    """Part `key`'s relabel output rewritten from its journal with the false-negative guard."""
+    part, folder = PARTS[key], work / f"guard{ratio}-{key}"
+    out = folder / "relabeled.jsonl"
+    if out.exists():
+        return out
+    generated = gunzip_lines(COMMITTED / part.generated, folder / "generated.jsonl", part.start, part.stop)
+    gunzip_lines(COMMITTED / f"{part.relabeled[:-3]}.journal.gz", folder / "relabeled.jsonl.journal")
+    gecko("relabel", "--generated", str(generated), "--corpus", str(CORPUS), "--out", str(out),
+          "--false-negative-ratio", str(ratio), env={"GECKO_LLM_BACKEND": "transformers", "GECKO_LLM_DTYPE": "bfloat16"},
+          log=folder / "relabel.log")
+    return out
+
+
+def training_rows(lever: Lever, work: Path) -> Path:
+    """OUT/data-PARTS[-guardR]/train.jsonl: the parts' rows minus the label-free check's seeds."""
+    from gecko.pipeline.config import TrainStage
+    from gecko.pipeline.holdout import split_holdout
+
+    folder = work / (f"data-{lever.parts}" + (f"-guard{lever.guard}" if lever.guard else ""))
+    if (folder / "train.jsonl").exists():
+        return folder / "train.jsonl"
+    folder.mkdir(parents=True, exist_ok=True)
+    everything = folder / "relabeled-all.jsonl"
+    with open(everything, "wb") as dst:
+        for key in lever.parts:
+            if lever.guard:
+                with open(guarded(key, lever.guard, work), "rb") as src:
+                    shutil.copyfileobj(src, dst)
+            else:
+                with gzip.open(COMMITTED / PARTS[key].relabeled, "rb") as src:
+                    shutil.copyfileobj(src, dst)
+    split = split_holdout(everything, str(CORPUS), folder, TrainStage.holdout, TrainStage.holdout_max)
+    print(f"{folder.name}: {split.trained} rows to train on, {split.held_out} held out", flush=True)
+    return split.train
+
+
+def trained(name: str, work: Path) -> Path:
+    lever, model = LEVERS[name], work / name / "model"
+    if (model / "config.json").exists():
+        return model
+    rows = training_rows(lever, work)
+    corpus = ("--corpus", str(CORPUS)) if lever.texts else ()
+    gecko("train", "--data", str(rows), *corpus, "--out", str(model), "--max-seq-length", MAX_SEQ_LENGTH, *lever.train_args,
+          log=work / f"{name}.log")
+    return model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("levers", nargs="+", choices=sorted(LEVERS))
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "levers", help="data and models (reused when there)")
+    parser.add_argument("--versus", default=None, help="a lever to pair the others against")
+    parser.add_argument("--split", choices=["test", "train"], default="train", help="train: SciFact's 809 dev queries")
+    parser.add_argument("--sts", default="stsb")
+    args = parser.parse_args()
+    models = [trained(name, args.out) for name in args.levers]
+    command = [sys.executable, str(Path(__file__).with_name("quality.py")), *map(str, models), "--names", ",".join(args.levers),
+               "--split", args.split, "--sts", args.sts, *(["--versus", args.versus] if args.versus else [])]
+    sys.exit(subprocess.run(command).returncode)
+
+
+if __name__ == "__main__":
+    main()
