@@ -7,10 +7,10 @@ table for them, paired against `--versus`:
 
 Training rows come from the relabel outputs in `benchmarks/data/` (no LLM work): the parts a lever
 names, concatenated, minus the seeds `gecko run`'s label-free check holds out (its default share and
-cap), written to OUT/data-PARTS[-guardR]/train.jsonl. A lever with a false-negative guard first
-rewrites each part from its committed relabel journal with `gecko relabel --false-negative-ratio`
-(the LLM is loaded, no pair is scored: the journal's entries carry the LLM identity, so the
-transformers bf16 engine they were scored with is asked for).
+cap), written to OUT/data-PARTS[-RELABEL OPTIONS]/train.jsonl. A lever with relabel options (the
+false-negative guard, per-token QL) first rewrites each part from its committed relabel journal
+with `gecko relabel OPTIONS` (the LLM is loaded, no pair is scored: the journal's entries carry the
+LLM identity, so the transformers bf16 engine they were scored with is asked for).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ PARTS = {
 class Lever:
     parts: str  # PARTS keys
     train_args: tuple[str, ...] = ()  # gecko train options besides --data/--corpus/--out/--max-seq-length
-    guard: float | None = None  # relabel's --false-negative-ratio
+    relabel_args: tuple[str, ...] = ()  # gecko relabel options the parts are rewritten with (no LLM call)
     texts: bool = True  # --corpus: the candidates' texts, so the KL term is on by default (off: the recipe alone)
 
 
@@ -62,10 +62,18 @@ LEVERS = {
     "recipe": Lever("ab", texts=False),
     "kl": Lever("ab"),  # the default: the listwise KL term, QL teacher at t=5, lists of 6
     "b128": Lever("ab", ("--batch-size", "128")),
-    "guard": Lever("ab", guard=0.95),
+    "guard": Lever("ab", relabel_args=("--false-negative-ratio", "0.95")),
+    # per-token QL: for one query's candidates it is QL / the query's token count, a per-query temperature;
+    # t = 0.42 is t = 5 for the median query (12 Gemma tokens in the committed journals)
+    "qltok": Lever("ab", ("--distill-temperature", "0.42"), relabel_args=("--ql-norm", "mean")),
     "qlret": Lever("ab", ("--distill-teacher", "ql+retriever")),
+    # relabel's fused score (a sum of weight / rank): median spread over a query's candidates 1.4, QL's 19.9,
+    # so t = 0.35 gives the target QL's softness at t = 5 (~4 nats from first to last)
+    "fused": Lever("ab", ("--distill-teacher", "fused", "--distill-temperature", "0.35")),
     "full-recipe": Lever("abc", texts=False),
     "full": Lever("abc"),
+    "full-b128": Lever("abc", ("--batch-size", "128")),
+    "full-b256": Lever("abc", ("--batch-size", "256")),
 }
 
 
@@ -85,34 +93,38 @@ def gunzip_lines(path: Path, out: Path, start: int = 0, stop: int | None = None)
     return out
 
 
-def guarded(key: str, ratio: float, work: Path) -> Path:
-    """Part `key`'s relabel output rewritten from its journal with the false-negative guard."""
-    part, folder = PARTS[key], work / f"guard{ratio}-{key}"
+def slug(args: tuple[str, ...]) -> str:
+    return "-".join(a.lstrip("-") for a in args)
+
+
+def rewritten(key: str, relabel_args: tuple[str, ...], work: Path) -> Path:
+    """Part `key`'s relabel output rewritten from its journal with other relabel options."""
+    part, folder = PARTS[key], work / f"{slug(relabel_args)}-{key}"
     out = folder / "relabeled.jsonl"
     if out.exists():
         return out
     generated = gunzip_lines(COMMITTED / part.generated, folder / "generated.jsonl", part.start, part.stop)
     gunzip_lines(COMMITTED / f"{part.relabeled[:-3]}.journal.gz", folder / "relabeled.jsonl.journal")
     gecko("relabel", "--generated", str(generated), "--corpus", str(CORPUS), "--out", str(out),
-          "--false-negative-ratio", str(ratio), env={"GECKO_LLM_BACKEND": "transformers", "GECKO_LLM_DTYPE": "bfloat16"},
+          *relabel_args, env={"GECKO_LLM_BACKEND": "transformers", "GECKO_LLM_DTYPE": "bfloat16"},
           log=folder / "relabel.log")
     return out
 
 
 def training_rows(lever: Lever, work: Path) -> Path:
-    """OUT/data-PARTS[-guardR]/train.jsonl: the parts' rows minus the label-free check's seeds."""
+    """OUT/data-PARTS[-RELABEL OPTIONS]/train.jsonl: the parts' rows minus the label-free check's seeds."""
     from gecko.pipeline.config import TrainStage
     from gecko.pipeline.holdout import split_holdout
 
-    folder = work / (f"data-{lever.parts}" + (f"-guard{lever.guard}" if lever.guard else ""))
+    folder = work / "-".join(filter(None, ("data", lever.parts, slug(lever.relabel_args))))
     if (folder / "train.jsonl").exists():
         return folder / "train.jsonl"
     folder.mkdir(parents=True, exist_ok=True)
     everything = folder / "relabeled-all.jsonl"
     with open(everything, "wb") as dst:
         for key in lever.parts:
-            if lever.guard:
-                with open(guarded(key, lever.guard, work), "rb") as src:
+            if lever.relabel_args:
+                with open(rewritten(key, lever.relabel_args, work), "rb") as src:
                     shutil.copyfileobj(src, dst)
             else:
                 with gzip.open(COMMITTED / PARTS[key].relabeled, "rb") as src:
