@@ -36,6 +36,7 @@ CONFIGS = {
     "recipe": "the recipe: Gecko loss (own + same-tower negatives)",
     "kl": "recipe + KL term, plain forward (mini_batch_size 0)",
     "kl-cached": "recipe + KL term under GradCache (mini_batch_size 32: the default with the KL term)",
+    "recipe-bf16": "the recipe, forward under CPU bf16 autocast (as the Trainer's bf16 runs it; backward outside)",
 }
 
 
@@ -52,7 +53,7 @@ def setup(kind: str, args, work: Path):
     if not data.exists():
         with gzip.open(DATA, "rt") as src:
             data.write_text("".join(line for _, line in zip(range(args.examples), src)))
-    distill = kind != "recipe"
+    distill = not kind.startswith("recipe")
     config = TrainConfig(data=[DataSpec(str(data))], out=str(work / "out"), batch_size=args.batch_size,
                          distill_weight=1.0 if distill else 0.0, distill_list=args.list,
                          mini_batch_size=32 if kind == "kl-cached" else 0).resolved(distill)
@@ -90,10 +91,13 @@ def features(model, dataset, indices: list[int]):
     return feats, batch.get("label")
 
 
-def step(model, loss_fn, optimizer, dataset, indices) -> float:
+def step(model, loss_fn, optimizer, dataset, indices, bf16: bool = False) -> float:
+    import torch
+
     feats, labels = features(model, dataset, indices)
     start = time.perf_counter()
-    loss = loss_fn(feats, labels)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        loss = loss_fn(feats, labels)
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -101,15 +105,15 @@ def step(model, loss_fn, optimizer, dataset, indices) -> float:
 
 
 def paired(args, work: Path) -> dict[str, list[float]]:
-    built = {kind: setup(kind, args, work) for kind in CONFIGS}
-    order = batches(built["recipe"][3], args)  # the same rows for all (the datasets share their row order)
+    built = {kind: setup(kind, args, work) for kind in args.configs}
+    order = batches(next(iter(built.values()))[3], args)  # the same rows for all (the datasets share their row order)
     kinds = list(built)
     times: dict[str, list[float]] = {k: [] for k in kinds}
     for n, indices in enumerate(order):
         for j in range(len(kinds)):
             kind = kinds[(n + j) % len(kinds)]
             model, loss_fn, optimizer, dataset = built[kind]
-            took = step(model, loss_fn, optimizer, dataset, indices)
+            took = step(model, loss_fn, optimizer, dataset, indices, bf16=kind.endswith("-bf16"))
             if n > 0:  # step 0 warms every configuration up
                 times[kind].append(took)
         if n > 0:
@@ -121,7 +125,7 @@ def memory_child(kind: str, args, work: Path) -> None:
     model, loss_fn, optimizer, dataset = setup(kind, args, work)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     for indices in batches(dataset, args)[: args.memory_steps]:
-        step(model, loss_fn, optimizer, dataset, indices)
+        step(model, loss_fn, optimizer, dataset, indices, bf16=kind.endswith("-bf16"))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"kind": kind, "before_kb": before, "peak_kb": peak}))
 
@@ -142,9 +146,13 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=4, help="timed paired steps (after one warm-up step)")
     parser.add_argument("--memory-steps", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated, from: " + ", ".join(CONFIGS))
     parser.add_argument("--child", choices=list(CONFIGS), help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    args.configs = [c for c in args.configs.split(",") if c]
+    if not args.configs or set(args.configs) - set(CONFIGS):
+        parser.error(f"--configs: choose from {', '.join(CONFIGS)}")
 
     import torch
 
@@ -156,17 +164,18 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         memory = {}
-        for kind in CONFIGS:
+        for kind in args.configs:
             out = subprocess.run([sys.executable, __file__, *(argv or sys.argv[1:]), "--child", kind, "--work", str(work)],
                                  check=True, capture_output=True, text=True).stdout
             memory[kind] = json.loads(out.strip().splitlines()[-1])
         times = paired(args, work)
-    base = statistics.median(times["recipe"])
+    base = statistics.median(times[args.configs[0]])
     print(f"CPU: {cpu_name()}, {args.threads} torch threads; batch {args.batch_size}, max_seq_length {args.max_seq_length}, "
           f"list {args.list}, {args.steps} paired steps (median), peak RSS after {args.memory_steps} steps in a child process")
-    print("| configuration | s/step | x recipe | peak RSS GiB | growth in the steps GiB |")
+    print(f"| configuration | s/step | x {args.configs[0]} | peak RSS GiB | growth in the steps GiB |")
     print("|---|---:|---:|---:|---:|")
-    for kind, label in CONFIGS.items():
+    for kind in args.configs:
+        label = CONFIGS[kind]
         median = statistics.median(times[kind])
         m = memory[kind]
         print(f"| {label} | {median:.1f} | {median / base:.2f} | {m['peak_kb'] / 2**20:.2f} | "
