@@ -62,6 +62,7 @@ LEVERS = {
     "recipe": Lever("ab", texts=False),
     "kl": Lever("ab"),  # the default: the listwise KL term, QL teacher at t=5, lists of 6
     "b128": Lever("ab", ("--batch-size", "128")),
+    "kl-bf16": Lever("ab", ("--precision", "bf16")),  # the default trained under CPU bf16 autocast
     "guard": Lever("ab", relabel_args=("--false-negative-ratio", "0.95")),
     # per-token QL: for one query's candidates it is QL / the query's token count, a per-query temperature;
     # t = 0.42 is t = 5 for the median query (12 Gemma tokens in the committed journals)
