@@ -54,16 +54,20 @@ class Lever:
     train_args: tuple[str, ...] = ()  # gecko train options besides --data/--corpus/--out/--max-seq-length
     relabel_args: tuple[str, ...] = ()  # gecko relabel options the parts are rewritten with (no LLM call)
     texts: bool = True  # --corpus: the candidates' texts, so the KL term is on by default (off: the recipe alone)
+    precision: str = "bf16"  # explicit, so a row means the same on every CPU; fp32 for the rows measured before bf16
+
+
+FP32 = dict(precision="fp32")
 
 
 # the README's rows; 128 tokens in training as the recipe's run (train.max_seq_length=128)
 MAX_SEQ_LENGTH = "128"
 LEVERS = {
-    "recipe": Lever("ab", texts=False),
-    "kl": Lever("ab"),  # the default: the listwise KL term, QL teacher at t=5, lists of 6
-    "b128": Lever("ab", ("--batch-size", "128")),
-    "kl-bf16": Lever("ab", ("--precision", "bf16")),  # the default trained under CPU bf16 autocast
-    "guard": Lever("ab", relabel_args=("--false-negative-ratio", "0.95")),
+    "recipe": Lever("ab", texts=False, **FP32),
+    "kl": Lever("ab", **FP32),  # the default: the listwise KL term, QL teacher at t=5, lists of 6
+    "b128": Lever("ab", ("--batch-size", "128"), **FP32),
+    "kl-bf16": Lever("ab"),  # the default trained under CPU bf16 autocast: the reference of the rows below it
+    "guard": Lever("ab", relabel_args=("--false-negative-ratio", "0.95"), **FP32),
     # per-token QL: for one query's candidates it is QL / the query's token count, a per-query temperature;
     # t = 0.42 is t = 5 for the median query (12 Gemma tokens in the committed journals)
     "qltok": Lever("ab", ("--distill-temperature", "0.42"), relabel_args=("--ql-norm", "mean")),
@@ -71,8 +75,9 @@ LEVERS = {
     # relabel's fused score (a sum of weight / rank): median spread over a query's candidates 1.4, QL's 19.9,
     # so t = 0.35 gives the target QL's softness at t = 5 (~4 nats from first to last)
     "fused": Lever("ab", ("--distill-teacher", "fused", "--distill-temperature", "0.35")),
-    "full-recipe": Lever("abc", texts=False),
+    "full-recipe": Lever("abc", texts=False, **FP32),
     "full": Lever("abc"),
+    "full-86": Lever("abc", ("--steps", "86")),  # all the rows at the default's 86 steps: more data, not more steps
     "full-b128": Lever("abc", ("--batch-size", "128")),
     "full-b256": Lever("abc", ("--batch-size", "256")),
 }
@@ -141,7 +146,8 @@ def trained(name: str, work: Path) -> Path:
         return model
     rows = training_rows(lever, work)
     corpus = ("--corpus", str(CORPUS)) if lever.texts else ()
-    gecko("train", "--data", str(rows), *corpus, "--out", str(model), "--max-seq-length", MAX_SEQ_LENGTH, *lever.train_args,
+    gecko("train", "--data", str(rows), *corpus, "--out", str(model), "--max-seq-length", MAX_SEQ_LENGTH,
+          "--precision", lever.precision, *lever.train_args,
           log=work / f"{name}.log")
     return model
 

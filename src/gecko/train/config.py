@@ -136,7 +136,7 @@ class TrainConfig:
                                    "card)", flag="--eval-task", metavar="NAME=PATH")
     eval_baseline: bool = option(False, "also score the base model (a delta column in the card)")
     device: str | None = option(None, "cpu or cuda (default: cuda when available)")
-    precision: str = option("auto", "auto: bf16 on a GPU that has it", choices=PRECISIONS)
+    precision: str = option("auto", "auto: bf16 autocast on a GPU that has it or a CPU with bf16 hardware, else fp32", choices=PRECISIONS)
     progress: bool = option(True, "no progress bar")
     keep_checkpoints: bool = option(False, "keep OUT/.train (checkpoints) after finishing")
 

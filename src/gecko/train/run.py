@@ -403,6 +403,17 @@ def _loss_record(config: TrainConfig, inner, dims: list[int], *, hard_negatives:
     }
 
 
+def _bf16_fast_here(use_cpu: bool) -> bool:
+    """`--precision auto`: bf16 autocast on a GPU that has it, or on a CPU with bf16 hardware, where a
+    training step of the default run took 0.5x the float32 time with the same quality on SciFact dev
+    (benchmarks/RESULTS.md, "Training under CPU bf16 autocast")."""
+    import torch
+
+    from gecko.llm.engine import fast_bf16
+
+    return fast_bf16(torch.get_num_threads()) if use_cpu else torch.cuda.is_bf16_supported()
+
+
 def _run_stage(name: str, config: TrainConfig, *, base: str, sources: list[SourceData], params: dict, same_tower: bool,
                hard_negatives: str, stage_dir: Path, events: EventLog):
     """One stage (pretrain or finetune) from its data to its StageResult; `params` as `_stage_params` gives them."""
@@ -421,7 +432,7 @@ def _run_stage(name: str, config: TrainConfig, *, base: str, sources: list[Sourc
     world, batch_size = _world(), params["batch_size"]
     precision = config.precision
     if precision == "auto":
-        precision = "bf16" if (not use_cpu and torch.cuda.is_bf16_supported()) else "fp32"
+        precision = "bf16" if _bf16_fast_here(use_cpu) else "fp32"
     checkpoints = stage_dir / "checkpoints"
     args = _training_args(config, checkpoints, params, drop_last=mixture.total >= batch_size * world, use_cpu=use_cpu,
                           precision=precision)
