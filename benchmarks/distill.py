@@ -91,12 +91,13 @@ def features(model, dataset, indices: list[int]):
     return feats, batch.get("label")
 
 
-def step(model, loss_fn, optimizer, dataset, indices, bf16: bool = False) -> float:
+def step(model, loss_fn, optimizer, dataset, indices, kind: str) -> float:
+    """One optimizer step of configuration `kind` (its forward under bf16 autocast for a -bf16 one)."""
     import torch
 
     feats, labels = features(model, dataset, indices)
     start = time.perf_counter()
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=kind.endswith("-bf16")):
         loss = loss_fn(feats, labels)
     loss.backward()
     optimizer.step()
@@ -113,7 +114,7 @@ def paired(args, work: Path) -> dict[str, list[float]]:
         for j in range(len(kinds)):
             kind = kinds[(n + j) % len(kinds)]
             model, loss_fn, optimizer, dataset = built[kind]
-            took = step(model, loss_fn, optimizer, dataset, indices, bf16=kind.endswith("-bf16"))
+            took = step(model, loss_fn, optimizer, dataset, indices, kind)
             if n > 0:  # step 0 warms every configuration up
                 times[kind].append(took)
         if n > 0:
@@ -125,7 +126,7 @@ def memory_child(kind: str, args, work: Path) -> None:
     model, loss_fn, optimizer, dataset = setup(kind, args, work)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     for indices in batches(dataset, args)[: args.memory_steps]:
-        step(model, loss_fn, optimizer, dataset, indices, bf16=kind.endswith("-bf16"))
+        step(model, loss_fn, optimizer, dataset, indices, kind)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"kind": kind, "before_kb": before, "peak_kb": peak}))
 

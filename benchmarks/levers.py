@@ -146,8 +146,9 @@ def trained(name: str, work: Path) -> Path:
         return model
     rows = training_rows(lever, work)
     corpus = ("--corpus", str(CORPUS)) if lever.texts else ()
+    resume = ("--resume",) if (model / ".train").exists() else ()  # a run killed part way continues from its checkpoint
     gecko("train", "--data", str(rows), *corpus, "--out", str(model), "--max-seq-length", MAX_SEQ_LENGTH,
-          "--precision", lever.precision, *lever.train_args,
+          "--precision", lever.precision, *lever.train_args, *resume,
           log=work / f"{name}.log")
     return model
 
