@@ -111,6 +111,7 @@ def test_build_example_picks_p1_by_rrf_and_pN_as_negative():
     by_id = {c.id: c for c in ex.candidates}
     assert by_id["p1"].rank == 1 and by_id["p1"].ql_rank == 1 and by_id["p1"].rc_rank == 1
     assert by_id["p0"].rc == pytest.approx(0.1) and by_id["p0"].retriever_rank == 1
+    assert (by_id["p1"].ql, by_id["p1"].ql_mean) == (-3, -0.75)  # QL summed, and per query token (4), the default teacher
     assert sorted(c.rank for c in ex.candidates) == [1, 2, 3, 4, 5]
     # with the seed allowed as a negative, the lowest fused candidate is taken
     ex2, _, _ = build_example(RECORD, _entry(rows), PASSAGES, RelabelConfig(fusion="rrf", seed_not_negative=False))

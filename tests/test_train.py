@@ -37,6 +37,7 @@ from gecko.train import (  # noqa: E402
     saved_prompts,
     train,
 )
+from gecko.train.data import Example, SourceData  # noqa: E402
 from gecko.train.run import build_datasets  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -493,10 +494,27 @@ def test_train_with_listwise_distillation_from_relabeled_candidates(shared_data,
                          max_seq_length=64, distill_weight=1.0, distill_list=4, progress=False)
     train(config)
     fine = json.loads((tmp_path / "model2" / "training.json").read_text())["stages"][-1]
-    assert "KL(teacher ql || student) over 4 candidates" in fine["loss"]["formula"] and fine["loss"]["distill_weight"] == 1.0
+    # rows without per-token QL (relabel output before it): the default teacher is QL at t = 5
+    assert "KL(teacher ql at t=5 || student) over 4 candidates" in fine["loss"]["formula"] and fine["loss"]["distill_weight"] == 1.0
     cached = replace(config, out=str(tmp_path / "model3"), steps=1, mini_batch_size=4)  # the GradCache variant runs too
     train(cached)
     assert json.loads((tmp_path / "model3" / "training.json").read_text())["stages"][-1]["loss"]["mini_batch_size"] == 4
+
+
+def test_default_teacher_is_per_token_ql_where_every_relabeled_row_has_it():
+    from gecko.train.run import _teacher_scores
+
+    base = TrainConfig(data=["rows.jsonl"], out="model")
+    settings = lambda config, scores: (lambda r: (r.distill_teacher, r.distill_temperature))(config.resolved(True, scores))  # noqa: E731
+    assert settings(base, frozenset({"ql", "ql-mean", "fused", "retriever"})) == ("ql-mean", 0.42)
+    assert settings(base, frozenset({"ql", "fused", "retriever"})) == ("ql", 5.0)
+    assert settings(replace(base, distill_teacher="fused"), frozenset({"ql-mean"})) == ("fused", 0.35)
+    assert settings(replace(base, distill_temperature=2.0), frozenset({"ql-mean"})) == ("ql-mean", 2.0)
+    new = Example("q", "p", [], [("d", {"ql": -4.0, "ql-mean": -1.0, "fused": 1.0})])
+    old = Example("q", "p", [], [("d", {"ql": -4.0, "ql-mean": None, "fused": 1.0})])  # relabel output before ql_mean
+    source = lambda *examples: SourceData(DataSpec("rows.jsonl"), "rows", "examples", None, list(examples))  # noqa: E731
+    assert _teacher_scores([source(new, new)]) == {"ql", "ql-mean", "fused"}
+    assert _teacher_scores([source(new), source(old, Example("q", "p", [], []))]) == {"ql", "fused"}  # one older row: QL for all
 
 
 def test_bad_data_leaves_no_state_and_a_kill_before_the_card_is_completed_by_resume(scifact_examples, tmp_path):

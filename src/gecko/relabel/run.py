@@ -100,7 +100,8 @@ class Candidate:
     id: str
     retriever_rank: int
     retriever_score: float
-    ql: float | None
+    ql: float | None  # as `score.ql_norm` says (default: the sum over the query's tokens)
+    ql_mean: float | None  # per query token, whatever ql_norm is: the training's default listwise teacher
     rc: float | None
     ql_rank: int | None
     rc_rank: int | None
@@ -330,7 +331,7 @@ def build_example(record: GeneratedRecord, entry: dict, passages: dict[str, Pass
     unranked = [None] * len(rows)
     candidates = [
         Candidate(id=ids[i], retriever_rank=i + 1, retriever_score=round(float(rows[i][1]), 6),
-                  ql=None if ql[i] is None else round(ql[i], 4), rc=None if rc[i] is None else round(rc[i], 4),
+                  ql=_rounded(ql[i], 4), ql_mean=_rounded(pairs[i].ql("mean"), 5), rc=_rounded(rc[i], 4),
                   ql_rank=signals.get("ql", unranked)[i], rc_rank=signals.get("rc", unranked)[i],
                   fused=round(fused[i], 6), rank=order_rank[i])
         for i in range(len(rows))
@@ -349,6 +350,10 @@ def build_example(record: GeneratedRecord, entry: dict, passages: dict[str, Pass
         fusion=fusion or config.fusion, candidates=candidates,
     )
     return example, None, signals
+
+
+def _rounded(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
 
 
 def likely_false_negatives(rows: list, ql: list[float | None], positive: int | None, seed_score: float,

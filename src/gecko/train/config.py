@@ -65,9 +65,17 @@ class DataSpec:
         return cls(path=path, weight=weight, name=name)
 
 
-# per-candidate scores of `gecko relabel` a listwise teacher can use; ql+retriever is their product
-# of experts, the continuous counterpart of relabel's default fusion (see `gecko.train.data.teacher_score`)
-TEACHERS = ("ql", "fused", "retriever", "ql+retriever")
+# per-candidate scores of `gecko relabel` a listwise teacher can use, and the softmax temperature each
+# defaults to. ql sums log-probabilities over the query: on the demo's relabel output the top-1 / top-2
+# gap is 6 nats and the top-to-last spread 16 (medians), so 5 gives a soft, not one-hot, target.
+# ql-mean is QL per query token, for one query's candidates QL at t x its token count: 0.42 is 5 for
+# the median 12-token query; chosen on SciFact dev over ql at 5 (+0.41, CI +0.1..+0.7 at 384 dims) and
+# fused (benchmarks/RESULTS.md, "The teacher's score"). fused (relabel's sum of weight / rank) spreads
+# 1.4 from first to last against QL's 19.9 (medians), so 0.35 is QL's softness at 5. retriever: the
+# base model's cosines at a student's temperature; ql+retriever: QL's and the retriever's product of
+# experts, the continuous counterpart of relabel's default fusion (see `gecko.train.data.teacher_score`).
+TEACHER_TEMPERATURES = {"ql-mean": 0.42, "ql": 5.0, "fused": 0.35, "retriever": 0.05, "ql+retriever": 5.0}
+TEACHERS = tuple(TEACHER_TEMPERATURES)
 DISTILL_MINI_BATCH = 32  # GradCache rows per forward when the KL term is on and mini_batch_size is not given
 HARD_NEGATIVES = ("own", "batch", "none")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -119,10 +127,10 @@ class TrainConfig:
     distill_weight: float | None = option(None, "weight of the listwise KL(LLM teacher || student) term over each query's "
                                           "candidates (0: off); default: 1 when the data has relabeled candidates and "
                                           "their texts (a relabel file with its --corpus), else off")
-    distill_teacher: str = option("ql", "the teacher's score", choices=TEACHERS)
-    # QL sums log-probabilities over the query: on the demo's relabel output the top-1 / top-2 gap
-    # is 6 nats and the top-to-last spread 16 (medians), so t_r = 5 gives a soft, not one-hot, target
-    distill_temperature: float = option(5.0, "the teacher's softmax temperature")
+    distill_teacher: str | None = option(None, "the teacher's score; default: ql-mean (QL per query token) when the "
+                                         "data has it (gecko relabel's output since 2026-12-03), else ql", choices=TEACHERS)
+    distill_temperature: float | None = option(None, "the teacher's softmax temperature; default: the teacher's (" +
+                                               ", ".join(f"{k} {v:g}" for k, v in TEACHER_TEMPERATURES.items()) + ")")
     distill_list: int = option(6, "texts per query in the KL term")
     gather_across_devices: bool = option(True, "under DDP: negatives from this device only, not gathered from every device")
     bucketed: bool = option(True, "no length-sorted chunked forward (see gecko.train.loss)")
@@ -163,21 +171,25 @@ class TrainConfig:
                 raise ValueError(f"dims must be positive integers, got {self.dims}")
             if self.dim_weights is not None and len(self.dim_weights) != len(self.dims):
                 raise ValueError("dim_weights must have one weight per dim")
-        if (self.distill_weight or 0) < 0 or self.distill_teacher not in TEACHERS or self.distill_list < 2:
+        if (self.distill_weight or 0) < 0 or self.distill_teacher not in (None, *TEACHERS) or self.distill_list < 2:
             raise ValueError(f"distill: weight must be >= 0, teacher one of {', '.join(TEACHERS)}, list at least 2")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
         self.out = str(self.out)
 
-    def resolved(self, has_candidates: bool) -> "TrainConfig":
-        """The automatic settings made concrete for data with (or without) relabeled candidates: the
-        KL term on at weight 1 where it can be (on 2,776 SciFact queries it beat the recipe on dev at
-        384 and 256 dims: benchmarks/RESULTS.md, "Twice the data"), and then GradCache, because the
-        plain KL forward keeps the graphs of batch x (list + 1) texts (9.9 vs 2.9 GB peak RSS at
-        batch 32, 128 tokens: "The KL term's cost")."""
+    def resolved(self, has_candidates: bool, teacher_scores: frozenset[str] = frozenset()) -> "TrainConfig":
+        """The automatic settings made concrete for data with (or without) relabeled candidates whose
+        scores are `teacher_scores`: the KL term on at weight 1 where it can be (on 2,776 SciFact
+        queries it beat the recipe on dev at 384 and 256 dims: benchmarks/RESULTS.md, "Twice the
+        data"), its teacher and temperature, and then GradCache, because the plain KL forward keeps
+        the graphs of batch x (list + 1) texts (9.9 vs 2.9 GB peak RSS at batch 32, 128 tokens: "The
+        KL term's cost")."""
         weight = self.distill_weight if self.distill_weight is not None else float(has_candidates and not self.homogeneous)
         mini = self.mini_batch_size if self.mini_batch_size is not None else (DISTILL_MINI_BATCH if weight else 0)
-        return dataclasses.replace(self, distill_weight=weight, mini_batch_size=mini or None)
+        teacher = self.distill_teacher or ("ql-mean" if "ql-mean" in teacher_scores else "ql")
+        temperature = self.distill_temperature if self.distill_temperature is not None else TEACHER_TEMPERATURES[teacher]
+        return dataclasses.replace(self, distill_weight=weight, mini_batch_size=mini or None, distill_teacher=teacher,
+                                   distill_temperature=temperature)
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self), default=str))

@@ -181,9 +181,11 @@ def _candidate_scores(loc: str, row: dict) -> list[tuple[str, dict[str, float]]]
     rows = row.get("candidates") or []
     try:
         ordered = sorted(rows, key=lambda c: c["rank"])
-        return [(str(c["id"]), {"ql": c.get("ql"), "fused": c["fused"], "retriever": c["retriever_score"]}) for c in ordered]
+        return [(str(c["id"]), {"ql": c.get("ql"), "ql-mean": c.get("ql_mean"), "fused": c["fused"],
+                                "retriever": c["retriever_score"]}) for c in ordered]
     except (KeyError, TypeError):
-        raise TrainDataError(f"{loc}: 'candidates' must be gecko relabel's list of {{id, rank, fused, ql, retriever_score}}") from None
+        raise TrainDataError(f"{loc}: 'candidates' must be gecko relabel's list of {{id, rank, fused, ql, ql_mean, "
+                             "retriever_score}") from None
 
 
 def _passages(path: str) -> dict[str, Passage]:

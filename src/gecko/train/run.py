@@ -305,6 +305,14 @@ def _callbacks(events: EventLog, stage: str, examples_per_step: int, progress: b
     return GeckoProgress()
 
 
+def _teacher_scores(sources: list[SourceData]) -> frozenset[str]:
+    """The teacher scores that every example with candidates has for all of them (a default teacher
+    must not silently leave out the rows of an older relabel output)."""
+    found = [frozenset(k for _, scores in e.candidates for k, v in scores.items() if v is not None)
+             for s in sources for e in s.examples if e.candidates]
+    return frozenset.intersection(*found) if found else frozenset()
+
+
 def _stage_data(name: str, config: TrainConfig, sources: list[SourceData], hard_negatives: str):
     """(the config with its automatic settings resolved for this data, the mixture, its dataset,
     whether the loss reads negative counts, the negative columns, whether the listwise term is on)."""
@@ -317,7 +325,7 @@ def _stage_data(name: str, config: TrainConfig, sources: list[SourceData], hard_
     if config.distill_weight and not has_candidates and name == "finetune":
         raise TrainError("distill_weight > 0 but no training example has candidates: give the relabeled data's corpus "
                          "(DataSpec.corpus, `--data PATH` with `--corpus`)")
-    config = config.resolved(has_candidates)
+    config = config.resolved(has_candidates, _teacher_scores(sources))
     distill = bool(config.distill_weight) and has_candidates
     dataset, uses_counts, negatives = build_datasets(
         mixture, homogeneous=config.homogeneous, hard_negatives=hard_negatives, seed=config.seed,
@@ -391,7 +399,7 @@ def _resume_point(checkpoints: Path) -> Path | None:
 def _loss_record(config: TrainConfig, inner, dims: list[int], *, hard_negatives: str, same_tower: bool, distill: bool) -> dict:
     """The loss as training.json and the model card describe it."""
     negatives = {"own": ", own hard negatives", "batch": ", all in-batch hard negatives"}.get(hard_negatives, "")
-    listwise = (f"; + {config.distill_weight:g} x KL(teacher {config.distill_teacher} || student) over {config.distill_list} "
+    listwise = (f"; + {config.distill_weight:g} x KL(teacher {config.distill_teacher} at t={config.distill_temperature:g} || student) over {config.distill_list} "
                 "candidates per query" if distill else "")
     return {
         "name": type(inner).__name__,
