@@ -505,7 +505,11 @@ def test_default_teacher_is_per_token_ql_where_every_relabeled_row_has_it():
     from gecko.train.run import _teacher_scores
 
     base = TrainConfig(data=["rows.jsonl"], out="model")
-    settings = lambda config, scores: (lambda r: (r.distill_teacher, r.distill_temperature))(config.resolved(True, scores))  # noqa: E731
+
+    def settings(config: TrainConfig, scores: frozenset[str]) -> tuple[str, float]:
+        resolved = config.resolved(True, scores)
+        return resolved.distill_teacher, resolved.distill_temperature
+
     assert settings(base, frozenset({"ql", "ql-mean", "fused", "retriever"})) == ("ql-mean", 0.42)
     assert settings(base, frozenset({"ql", "fused", "retriever"})) == ("ql", 5.0)
     assert settings(replace(base, distill_teacher="fused"), frozenset({"ql-mean"})) == ("fused", 0.35)
