@@ -72,6 +72,8 @@ LEVERS = {
     # per-token QL: for one query's candidates it is QL / the query's token count, a per-query temperature;
     # t = 0.42 is t = 5 for the median query (12 Gemma tokens in the committed journals)
     "qltok": Lever("ab", ("--distill-temperature", "0.42"), relabel_args=("--ql-norm", "mean")),
+    # `gecko train`'s defaults as they stand: per-token QL (its default temperature, 0.42) at the base model's 256 tokens
+    "qltok-256": Lever("ab", relabel_args=("--ql-norm", "mean"), max_seq_length=None),
     "qlret": Lever("ab", ("--distill-teacher", "ql+retriever")),
     # relabel's fused score (a sum of weight / rank): median spread over a query's candidates 1.4, QL's 19.9,
     # so t = 0.35 gives the target QL's softness at t = 5 (~4 nats from first to last)
