@@ -66,7 +66,7 @@ LEVERS = {
     "recipe": Lever("ab", texts=False, **FP32),
     "kl": Lever("ab", **FP32),  # the default: the listwise KL term, QL teacher at t=5, lists of 6
     "b128": Lever("ab", ("--batch-size", "128"), **FP32),
-    "b256": Lever("ab", ("--batch-size", "256")),  # 10 steps of 256 under GradCache (bf16: paired against kl-bf16)
+    "b256": Lever("ab", ("--batch-size", "256")),  # 10 steps under GradCache (bf16: paired against kl-bf16)
     "kl-bf16": Lever("ab"),  # the default trained under CPU bf16 autocast: the reference of the rows below it
     "kl-256": Lever("ab", max_seq_length=None),  # `gecko train`'s own default, the base model's 256 tokens: 98% of SciFact abstracts are longer than 128, 71% than 256
     "guard": Lever("ab", relabel_args=("--false-negative-ratio", "0.95"), **FP32),

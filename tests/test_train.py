@@ -538,6 +538,18 @@ def test_bad_data_leaves_no_state_and_a_kill_before_the_card_is_completed_by_res
     assert (out / "README.md").is_file() and not (out / ".train").exists()
 
 
+def test_a_batch_size_the_data_cannot_fill_without_repeats_is_an_error_not_an_untrained_model(scifact_examples, tmp_path):
+    rows = [json.loads(line) for line in scifact_examples.read_text().splitlines()[:4]]
+    same = tmp_path / "same-positive.jsonl"  # four queries, one positive text: no two rows can share a batch
+    one = {"positive": rows[0]["positive"], "positive_title": rows[0]["positive_title"]}
+    same.write_text("".join(json.dumps({**row, **one}) + "\n" for row in rows))
+    out = tmp_path / "model"
+    config = TrainConfig(data=[DataSpec(str(same))], out=str(out), steps=1, batch_size=2, max_seq_length=32, progress=False)
+    with pytest.raises(TrainError, match="no training step was taken.*lower --batch-size"):
+        train(config)
+    assert not (out / "config.json").exists()
+
+
 def _events(out: Path) -> list[dict]:
     path = out / "train_log.jsonl"
     if not path.exists():
