@@ -456,10 +456,12 @@ def _run_stage(name: str, config: TrainConfig, *, base: str, sources: list[Sourc
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     seconds = time.perf_counter() - start
-    if trainer.state.global_step == (resumed_step or 0):  # else the base model would be saved as if trained
+    steps_taken = trainer.state.global_step - (resumed_step or 0)
+    if not steps_taken:  # else the base model would be saved as if trained
         raise TrainError(f"{name}: no training step was taken: not one batch of {batch_size} rows without a repeated "
-                         f"text could be drawn from the {mixture.total} rows (no-duplicates batches); lower --batch-size")
-    examples = (trainer.state.global_step - (resumed_step or 0)) * batch_size * world
+                         f"text could be drawn from the {mixture.total} rows (no-duplicates batches); lower --batch-size "
+                         "and choose a new --out")
+    examples = steps_taken * batch_size * world
     result = StageResult(
         name=name,
         steps=trainer.state.global_step,
