@@ -56,6 +56,7 @@ class Lever:
     texts: bool = True  # --corpus: the candidates' texts, so the KL term is on by default (off: the recipe alone)
     precision: str = "bf16"  # explicit, so a row means the same on every CPU; fp32 for the rows measured before bf16
     max_seq_length: str | None = "128"  # tokens per text in training, as the recipe's run (None: the base model's, 256)
+    axes: bool = False  # gecko.train.axes' rotation, on in `gecko train` since 2026-12-06 (off: the rows measured before it)
 
 
 FP32 = dict(precision="fp32")
@@ -75,6 +76,8 @@ LEVERS = {
     "qltok": Lever("ab", ("--distill-temperature", "0.42"), relabel_args=("--ql-norm", "mean")),
     # `gecko train`'s defaults as they stand: per-token QL (its default temperature, 0.42) at the base model's 256 tokens
     "qltok-256": Lever("ab", relabel_args=("--ql-norm", "mean"), max_seq_length=None),
+    # `gecko train`'s defaults since 2026-12-06: qltok-256 rotated onto the corpus's principal axes
+    "qltok-256-axes": Lever("ab", relabel_args=("--ql-norm", "mean"), max_seq_length=None, axes=True),
     "qlret": Lever("ab", ("--distill-teacher", "ql+retriever")),
     # relabel's fused score (a sum of weight / rank): median spread over a query's candidates 1.4, QL's 19.9,
     # so t = 0.35 gives the target QL's softness at t = 5 (~4 nats from first to last)
@@ -153,7 +156,7 @@ def trained(name: str, work: Path) -> Path:
     resume = ("--resume",) if (model / ".train").exists() else ()  # a run killed part way continues from its checkpoint
     length = ("--max-seq-length", lever.max_seq_length) if lever.max_seq_length else ()
     gecko("train", "--data", str(rows), *corpus, "--out", str(model), *length,
-          "--precision", lever.precision, *lever.train_args, *resume,
+          "--precision", lever.precision, *lever.train_args, *(() if lever.axes else ("--no-principal-axes",)), *resume,
           log=work / f"{name}.log")
     return model
 

@@ -15,6 +15,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -451,6 +452,9 @@ def test_train_from_minilm_with_pretraining_and_matryoshka(scifact_examples, sha
     assert pre["loss"]["hard_negatives"] == "none" and pre["loss"]["same_tower"] is False
     assert fine["loss"]["matryoshka_dims"] == [384, 256, 128, 64] and fine["loss"]["same_tower"] is True
     assert fine["mixture"] == {"relabelled": 12, "stsb": round(0.5 * fine["sources"][1]["examples"]), "banking77": 16}
+    axes = record["principal_axes"]  # no corpus named: fitted on the training passages
+    assert axes["fitted_on"] == "training passages" and 0 < axes["documents"] <= 12 + 60 + 2 * 16
+    assert type(model[-1]).__name__ == "Dense" and "principal axes" in card
     assert not (out / ".train").exists()  # checkpoints removed after a finished run
     with pytest.raises(ValueError, match="finished training run"):
         train(config)
@@ -493,12 +497,51 @@ def test_train_with_listwise_distillation_from_relabeled_candidates(shared_data,
     config = TrainConfig(data=[DataSpec(str(data), corpus=str(corpus))], out=str(tmp_path / "model2"), steps=2, batch_size=8,
                          max_seq_length=64, distill_weight=1.0, distill_list=4, progress=False)
     train(config)
-    fine = json.loads((tmp_path / "model2" / "training.json").read_text())["stages"][-1]
+    record = json.loads((tmp_path / "model2" / "training.json").read_text())
+    fine = record["stages"][-1]
+    assert record["principal_axes"]["fitted_on"] == "corpus" and record["principal_axes"]["documents"] == 96
     # rows without per-token QL (relabel output before it): the default teacher is QL at t = 5
     assert "KL(teacher ql at t=5 || student) over 4 candidates" in fine["loss"]["formula"] and fine["loss"]["distill_weight"] == 1.0
     cached = replace(config, out=str(tmp_path / "model3"), steps=1, mini_batch_size=4)  # the GradCache variant runs too
     train(cached)
     assert json.loads((tmp_path / "model3" / "training.json").read_text())["stages"][-1]["loss"]["mini_batch_size"] == 4
+
+
+def test_principal_axes_keep_every_full_cosine_and_more_of_each_truncation(shared_data, tmp_path):
+    """The rotation onto the documents' principal axes on the real MiniLM and SciFact abstracts:
+    full-dimension cosines unchanged, the truncated documents closer to the full ones, a second
+    rotation folded into the first layer, and the saved model giving the same embeddings."""
+    from sentence_transformers import SentenceTransformer
+
+    from gecko.embed import truncate
+    from gecko.models import resolve_embedder
+    from gecko.train.axes import principal_axes, rotate_onto_principal_axes
+
+    docs = []
+    for line in gzip.open(shared_data / "scifact" / "corpus.jsonl.gz", "rt"):
+        docs.append(format_document(json.loads(line)["text"][:300]))
+        if len(docs) == 200:
+            break
+    model = SentenceTransformer(resolve_embedder("default"), device="cpu")  # its own: this test changes it
+    model.max_seq_length = 64
+    before = model.encode(docs)
+    summary = rotate_onto_principal_axes(model, docs[:150], [384, 128, 64])  # fitted on 150, checked on all 200
+    after = model.encode(docs)
+    assert summary["documents"] == 150 and summary["kept_share"]["384"] == 1.0
+    assert 0.5 < summary["kept_share"]["64"] < summary["kept_share"]["128"] < 1.0
+    assert np.allclose(after @ after.T, before @ before.T, atol=1e-5)
+    for dim in (128, 64):  # how much of each document's direction its first `dim` coordinates keep
+        kept = lambda emb: float(np.mean(np.sum(truncate(emb, dim) * emb[:, :dim], axis=1)))  # noqa: E731
+        assert kept(after) > kept(before) + 0.1
+    axes, share = principal_axes(after[:150])
+    assert np.allclose(np.abs(np.diag(axes))[:64], 1.0, atol=1e-3) and np.isclose(share[-1], 1.0)  # already on its axes
+    # (the leading ones: 150 documents span 150 of the 384 dims, the rest have no order)
+    layers = len(model)
+    rotate_onto_principal_axes(model, docs[:150], [384])
+    again = model.encode(docs)
+    assert len(model) == layers and np.allclose(again @ again.T, after @ after.T, atol=1e-5)  # folded, still orthogonal
+    model.save(str(tmp_path / "rotated"))
+    assert np.allclose(SentenceTransformer(str(tmp_path / "rotated"), device="cpu").encode(docs), model.encode(docs), atol=1e-6)
 
 
 def test_default_teacher_is_per_token_ql_where_every_relabeled_row_has_it():

@@ -72,6 +72,15 @@ def _usage_plain() -> list[str]:
     ]
 
 
+def _axes_line(axes: dict | None) -> list[str]:
+    if not axes:
+        return []
+    kept = ", ".join(f"{d} dims {100 * share:.1f}%" for d, share in axes["kept_share"].items())
+    return ["", f"The last layer rotates the embedding onto the principal axes of {axes['documents']} documents of the "
+            f"{axes['fitted_on']} (`gecko.train.axes`): full-dimension similarities are unchanged, and the first "
+            f"coordinates hold the most, so truncating costs less. Share of the documents' embeddings kept: {kept}."]
+
+
 def model_card(record: dict, eval_md: str | None = None) -> str:
     stages = record["stages"]
     final = stages[-1]
@@ -90,6 +99,7 @@ def model_card(record: dict, eval_md: str | None = None) -> str:
         f"Fine-tuned from `{record['base']}` (`{record['base_path']}`) with `gecko train`, the Gecko recipe "
         "(Lee et al. 2024, arXiv 2403.20327): contrastive loss with in-batch, hard and same-tower negatives, "
         f"Matryoshka dims {', '.join(map(str, dims))}.",
+        *_axes_line(record.get("principal_axes")),
         "",
         "## Usage",
         "",

@@ -132,6 +132,10 @@ class TrainConfig:
     distill_temperature: float | None = option(None, "the teacher's softmax temperature; default: the teacher's (" +
                                                ", ".join(f"{k} {v:g}" for k, v in TEACHER_TEMPERATURES.items()) + ")")
     distill_list: int = option(6, "texts per query in the KL term")
+    principal_axes: bool = option(True, "keep the trained coordinates: no rotation onto the corpus's principal axes "
+                                  "(gecko.train.axes; truncated dims score lower without it)")
+    axes_documents: int = option(4096, "documents (a seeded sample of the data's corpus, else of its passages) the "
+                                 "principal axes are fitted on")
     gather_across_devices: bool = option(True, "under DDP: negatives from this device only, not gathered from every device")
     bucketed: bool = option(True, "no length-sorted chunked forward (see gecko.train.loss)")
     pretrain: StageConfig | None = option(None, cli=False)  # its options are StageConfig's, --pretrain-*
@@ -171,6 +175,8 @@ class TrainConfig:
                 raise ValueError(f"dims must be positive integers, got {self.dims}")
             if self.dim_weights is not None and len(self.dim_weights) != len(self.dims):
                 raise ValueError("dim_weights must have one weight per dim")
+        if self.axes_documents < 1:
+            raise ValueError("axes_documents must be positive")
         if (self.distill_weight or 0) < 0 or self.distill_teacher not in (None, *TEACHERS) or self.distill_list < 2:
             raise ValueError(f"distill: weight must be >= 0, teacher one of {', '.join(TEACHERS)}, list at least 2")
         if self.precision not in PRECISIONS:

@@ -575,18 +575,20 @@ def train(config: TrainConfig) -> Path:
                                         stage_dir=state_dir / "finetune", events=events)
     results.append(result)
     if main:
-        _finish(out, config, model, results, events)
+        _finish(out, config, model, results, events, sources)
     _barrier()
     return out
 
 
-def _finish(out: Path, config: TrainConfig, model, results: list[StageResult], events: EventLog) -> None:
+def _finish(out: Path, config: TrainConfig, model, results: list[StageResult], events: EventLog,
+            sources: list[SourceData]) -> None:
     from gecko.train.card import plot_loss
 
     model.prompts = saved_prompts(config.prompts)
     model.default_prompt_name = None
     # --max-seq-length is a training setting; the saved model keeps the base model's for inference
     model.max_seq_length = results[-1].extra.get("base_max_seq_length") or model.max_seq_length
+    axes = _rotate(model, config, sources, results[-1].loss["matryoshka_dims"], events) if config.principal_axes else None
     model.save(str(out), create_model_card=False)
     plot_loss(results, out / "loss.png")
     record = {
@@ -596,11 +598,27 @@ def _finish(out: Path, config: TrainConfig, model, results: list[StageResult], e
         "config": config.to_dict(),
         "prompts": saved_prompts(config.prompts),
         "stages": [r.__dict__ for r in results],
+        "principal_axes": axes,
         "versions": _versions(),
     }
     write_json_atomic(out / "training.json", record)
     events.write("done", out=str(out))
     _complete(out, config, record, results[-1].loss["matryoshka_dims"])
+
+
+def _rotate(model, config: TrainConfig, sources: list[SourceData], dims: list[int], events: EventLog) -> dict:
+    """Rotate the trained model onto its principal axes over the data's corpus (every corpus a
+    source names), else over the training passages (positives and negatives)."""
+    from gecko.train.axes import rotate_onto_principal_axes, sample_texts
+
+    documents = [d for s in sources for d in s.documents]
+    fitted_on = "corpus" if documents else "training passages"
+    documents = documents or [t for s in sources for e in s.examples for t in (e.positive, *e.negatives)]
+    start = time.perf_counter()
+    summary = rotate_onto_principal_axes(model, sample_texts(documents, config.axes_documents, config.seed), dims)
+    summary = {"fitted_on": fitted_on, **summary, "seconds": round(time.perf_counter() - start, 2)}
+    events.write("principal_axes", **summary)
+    return summary
 
 
 def _complete(out: Path, config: TrainConfig, record: dict, dims: list[int]) -> None:
