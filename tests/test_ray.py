@@ -92,47 +92,53 @@ def _map_workers(name: str) -> list[psutil.Process]:
     return found
 
 
-def _run_killing_actors(stage, journal: Path):
-    """(stage()'s result, journal lines at the kill): `stage` runs in a thread, and the Ray Data actor
-    processes are SIGKILLed once they exist and either the first result is journaled or they have
-    worked 3 s (loading the LLM is most of their run)."""
-    outcome: dict = {}
+def _run_killing_actors(stage, output: str, root: Path, attempts: int = 3):
+    """(stage(folder)'s result, folder, journal lines at the kill): `stage` writes `output` in a new
+    folder under `root` (its cache there too) from a thread, and the Ray Data actor processes are
+    SIGKILLed once they exist and either the first result is journaled or they have worked 3 s
+    (loading the LLM is most of their run). A run that ends before any actor process is seen (a
+    loaded machine can starve this poll) is repeated in a new folder: the kill is what is tested."""
+    for attempt in range(attempts):
+        folder = root / f"try{attempt}"
+        folder.mkdir(parents=True)
+        journal = folder / f"{output}.journal"
+        outcome: dict = {}
 
-    def run():
-        try:
-            outcome["result"] = stage()
-        except BaseException as err:  # re-raised below
-            outcome["error"] = err
+        def run():
+            try:
+                outcome["result"] = stage(folder)
+            except BaseException as err:  # re-raised below
+                outcome["error"] = err
 
-    thread = threading.Thread(target=run)
-    thread.start()
-    deadline, started = time.time() + 300, None
-    while time.time() < deadline and thread.is_alive():
-        if started is None and _map_workers("MapWorker"):
-            started = time.time()
-        if journal.exists() and journal.read_text() or (started is not None and time.time() - started > 3):
-            break
-        time.sleep(0.05)
-    workers = _map_workers("MapWorker")  # Ray Data's actor processes; the only pool running now
-    assert workers, "no actor process found"
-    done = journal.read_text().count("\n") if journal.exists() else 0
-    for proc in workers:
-        os.kill(proc.pid, signal.SIGKILL)
-    thread.join(600)
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["result"], done
+        thread = threading.Thread(target=run)
+        thread.start()
+        deadline, started = time.time() + 300, None
+        while time.time() < deadline and thread.is_alive():
+            if started is None and _map_workers("MapWorker"):
+                started = time.time()
+            if journal.exists() and journal.read_text() or (started is not None and time.time() - started > 3):
+                break
+            time.sleep(0.05)
+        workers = _map_workers("MapWorker")  # Ray Data's actor processes; the only pool running now
+        done = journal.read_text().count("\n") if journal.exists() else 0
+        for proc in workers:
+            os.kill(proc.pid, signal.SIGKILL)
+        thread.join(600)
+        if "error" in outcome:
+            raise outcome["error"]
+        if workers:
+            return outcome["result"], folder, done
+    pytest.fail(f"no actor process was found to kill in {attempts} runs")
 
 
 def test_generate_on_ray_survives_killed_actors_with_the_local_records(cluster, local_generate, tmp_path):
     corpus, local_out, local_summary, local_cache = local_generate
-    out = tmp_path / "generated.jsonl"
-    journal = tmp_path / "generated.jsonl.journal"
     # 6 batches of 1 passage on 2 actors: the actors' start-up is most of the run, then the batches come
     # back ~0.5 s apart (measured; batches of 2 came back nearly together, and a poll could miss them)
-    summary, done_at_kill = _run_killing_actors(
-        lambda: run_generate_ray(corpus, out, "default", GENERATE, RayConfig(actors=2, shard_size=2),
-                                 cache=tmp_path / "cache.sqlite", progress=False), journal)
+    summary, folder, done_at_kill = _run_killing_actors(
+        lambda folder: run_generate_ray(corpus, folder / "generated.jsonl", "default", GENERATE, RayConfig(actors=2, shard_size=2),
+                                        cache=folder / "cache.sqlite", progress=False), "generated.jsonl", tmp_path)
+    out, journal = folder / "generated.jsonl", folder / "generated.jsonl.journal"
     assert done_at_kill < 6, "the kill came after the last batch"
     manifest, data = _shards(out)
     assert data == local_out.read_bytes()  # the shards, concatenated, are the local file: nothing lost or twice
@@ -144,7 +150,7 @@ def test_generate_on_ray_survives_killed_actors_with_the_local_records(cluster, 
     assert (summary.passages, summary.passages_with_query, summary.rejected, summary.llm_calls, summary.tokens_out) == (
         6, local_summary.passages_with_query, local_summary.rejected, local_summary.llm_calls, local_summary.tokens_out)
     # every call is in the driver's cache, under the local engine's keys (the killed batches' calls came again)
-    assert _cache_rows(tmp_path / "cache.sqlite") == _cache_rows(local_cache)
+    assert _cache_rows(folder / "cache.sqlite") == _cache_rows(local_cache)
     # relabel reads the shard folder like the file
     fields = lambda records: [(r.id, r.seed_id, r.task_type, r.task, r.query) for r in records]  # noqa: E731
     assert fields(load_generated(out)) == fields(load_generated(local_out))
@@ -155,12 +161,11 @@ def test_relabel_on_ray_survives_killed_actors_with_the_local_records(cluster, s
     config = RelabelConfig(top_n=4, score=FAST, retrieve=RetrieveConfig(cache_dir=str(tmp_path / "emb")))
     llm = load_llm("default", cache=tmp_path / "local-cache.sqlite", n_threads=1)
     local = run_relabel(generated, corpus, tmp_path / "local.jsonl", llm, config, progress=False)
-    out = tmp_path / "relabeled.jsonl"
-    journal = tmp_path / "relabeled.jsonl.journal"
     ray_config = RayConfig(actors=2, batch_size=1, shard_size=4)
-    summary, done_at_kill = _run_killing_actors(
-        lambda: run_relabel_ray(generated, corpus, out, "default", config, ray_config, cache=tmp_path / "cache.sqlite",
-                                progress=False), journal)
+    summary, folder, done_at_kill = _run_killing_actors(
+        lambda folder: run_relabel_ray(generated, corpus, folder / "relabeled.jsonl", "default", config, ray_config,
+                                       cache=folder / "cache.sqlite", progress=False), "relabeled.jsonl", tmp_path)
+    out, journal = folder / "relabeled.jsonl", folder / "relabeled.jsonl.journal"
     assert done_at_kill < 6, "the kill came after the last query"
     manifest, data = _shards(out)
     assert data == (tmp_path / "local.jsonl").read_bytes()  # nothing lost or twice, and the local engine's records
@@ -168,9 +173,9 @@ def test_relabel_on_ray_survives_killed_actors_with_the_local_records(cluster, s
     assert sorted(keys) == sorted(set(keys)) and len(keys) == 6  # each query journaled exactly once
     assert [s["records"] for s in manifest["shards"]] == [4, 2] and manifest["stage"] == "relabel"
     assert (summary.examples, summary.pairs_scored) == (local.examples, local.pairs_scored) == (6, 24)
-    assert _cache_rows(tmp_path / "cache.sqlite") == _cache_rows(tmp_path / "local-cache.sqlite")
+    assert _cache_rows(folder / "cache.sqlite") == _cache_rows(tmp_path / "local-cache.sqlite")
     # a rerun finds every query journaled: no Ray work, same output
-    again = run_relabel_ray(generated, corpus, out, "default", config, ray_config, cache=tmp_path / "cache.sqlite", progress=False)
+    again = run_relabel_ray(generated, corpus, out, "default", config, ray_config, cache=folder / "cache.sqlite", progress=False)
     assert again.pairs_scored == 0 and _shards(out)[1] == data
 
 
