@@ -9,7 +9,7 @@ It needs no labels, only the documents the student will search, and is stored in
 bias-free linear layer after the last one, so any sentence-transformers user gets it.
 
 Measured (benchmarks/RESULTS.md, "The corpus's principal axes"): on SciFact test, `gecko train`'s
-default student at 128 dims 61.37 -> 65.70, at 64 dims 53.12 -> 60.26, unchanged at 384 (chosen on
+default student at 128 dims 61.37 -> 65.72, at 64 dims 53.12 -> 60.28, unchanged at 384 (chosen on
 SciFact dev: +3.56 at 128); other tasks' small dims move by -1.8 to +1.5 at 128.
 """
 
