@@ -26,13 +26,13 @@ def rotated(model: str, out: Path, sample: int, seed: int) -> Path:
     from gecko.corpus import load_corpus
     from gecko.formats import format_document
     from gecko.models import resolve_embedder
-    from gecko.train.axes import rotate_onto_principal_axes, sample_texts
+    from gecko.train.axes import rotate_onto_principal_axes, seeded_sample
 
     if (out / "config.json").exists():
         return out
     st = SentenceTransformer(resolve_embedder(model), device="cpu")
-    documents = [format_document(p.text, p.title) for p in load_corpus(str(CORPUS))[0]]
-    summary = rotate_onto_principal_axes(st, sample_texts(documents, sample, seed), [384, 256, 128, 64])
+    documents = [format_document(p.text, p.title) for p in seeded_sample(load_corpus(str(CORPUS))[0], sample, seed)]
+    summary = rotate_onto_principal_axes(st, documents, [384, 256, 128, 64])
     st.save(str(out))
     print(f"{out}: {summary}", flush=True)
     return out

@@ -31,10 +31,9 @@ def principal_axes(embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return vectors[:, order], np.cumsum(values) / values.sum()
 
 
-def sample_texts(texts: list[str], limit: int, seed: int) -> list[str]:
-    """Up to `limit` distinct texts, a seeded sample when there are more."""
-    unique = list(dict.fromkeys(texts))
-    return unique if len(unique) <= limit else random.Random(seed).sample(unique, limit)
+def seeded_sample(items: list, limit: int, seed: int) -> list:
+    """All of `items`, or a seeded sample of `limit` of them when there are more."""
+    return items if len(items) <= limit else random.Random(seed).sample(items, limit)
 
 
 def rotate_onto_principal_axes(model, documents: list[str], dims: list[int], *, batch_size: int = 32) -> dict:

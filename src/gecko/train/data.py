@@ -80,7 +80,7 @@ class SourceData:
     rows: int = 0  # source rows read (pairs, qrels, labelled texts)
     dropped: collections.Counter = field(default_factory=collections.Counter)
     symmetric: bool | str = False  # True, False or "per row"
-    documents: list[str] = field(default_factory=list)  # the corpus it names, formatted: the principal axes' data
+    corpus: list = field(default_factory=list)  # the passages of the corpus it names (title, text): for the principal axes
 
     @property
     def max_negatives(self) -> int:
@@ -202,7 +202,7 @@ def _load_examples(spec: DataSpec, path: Path, name: str, seed: int, fmt: TextFo
     source = SourceData(spec, name, "examples", spec.task, [], symmetric="per row" if spec.symmetric is None else spec.symmetric)
     passages = _passages(spec.corpus) if spec.corpus else None
     if passages is not None:
-        source.documents = [fmt.document(p.text, p.title) for p in passages.values()]
+        source.corpus = list(passages.values())
     for loc, row in _table_rows(path):
         if spec.limit is not None and source.rows >= spec.limit:
             break
@@ -352,7 +352,7 @@ def _load_beir(spec: DataSpec, path: Path, name: str, seed: int, fmt: TextFormat
     docs = {p.doc_id: p for p in data.corpus}
     source = SourceData(spec, name, "beir", task, [], symmetric=bool(spec.symmetric))
     if not spec.symmetric:
-        source.documents = [fmt.document(p.text, p.title) for p in data.corpus]
+        source.corpus = list(data.corpus)
     for qid in data.qrels:
         for docid, score in data.qrels[qid].items():
             if spec.limit is not None and source.rows >= spec.limit:

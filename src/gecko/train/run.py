@@ -609,13 +609,18 @@ def _finish(out: Path, config: TrainConfig, model, results: list[StageResult], e
 def _rotate(model, config: TrainConfig, sources: list[SourceData], dims: list[int], events: EventLog) -> dict:
     """Rotate the trained model onto its principal axes over the data's corpus (every corpus a
     source names), else over the training passages (positives and negatives)."""
-    from gecko.train.axes import rotate_onto_principal_axes, sample_texts
+    from gecko.train.axes import rotate_onto_principal_axes, seeded_sample
 
-    documents = [d for s in sources for d in s.documents]
-    fitted_on = "corpus" if documents else "training passages"
-    documents = documents or [t for s in sources for e in s.examples for t in (e.positive, *e.negatives)]
+    corpus = [p for s in sources for p in s.corpus]
+    if corpus:
+        document = TextFormat(config.prompts).document
+        documents = [document(p.text, p.title) for p in seeded_sample(corpus, config.axes_documents, config.seed)]
+    else:
+        passages = dict.fromkeys(t for s in sources for e in s.examples for t in (e.positive, *e.negatives))
+        documents = seeded_sample(list(passages), config.axes_documents, config.seed)
     start = time.perf_counter()
-    summary = rotate_onto_principal_axes(model, sample_texts(documents, config.axes_documents, config.seed), dims)
+    summary = rotate_onto_principal_axes(model, documents, dims)
+    fitted_on = "corpus" if corpus else "training passages"
     summary = {"fitted_on": fitted_on, **summary, "seconds": round(time.perf_counter() - start, 2)}
     events.write("principal_axes", **summary)
     return summary
