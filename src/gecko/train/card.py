@@ -78,7 +78,8 @@ def _axes_line(axes: dict | None) -> list[str]:
     kept = ", ".join(f"{d} dims {100 * share:.1f}%" for d, share in axes["kept_share"].items())
     return ["", f"The last layer rotates the embedding onto the principal axes of {axes['documents']} documents of the "
             f"{axes['fitted_on']} (`gecko.train.axes`): full-dimension similarities are unchanged, and the first "
-            f"coordinates hold the most, so truncating costs less. Share of the documents' embeddings kept: {kept}."]
+            f"coordinates hold the most of that corpus, so truncating costs less on it (on other domains a truncated "
+            f"embedding may score lower). Share of the documents' squared norm the first dims keep: {kept}."]
 
 
 def model_card(record: dict, eval_md: str | None = None) -> str:
