@@ -18,21 +18,20 @@ import sys
 from pathlib import Path
 
 from levers import CORPUS, ROOT
+from quality import DIMS
 
 
 def rotated(model: str, out: Path, sample: int, seed: int) -> Path:
     from sentence_transformers import SentenceTransformer
 
     from gecko.corpus import load_corpus
-    from gecko.formats import format_document
     from gecko.models import resolve_embedder
-    from gecko.train.axes import rotate_onto_principal_axes, seeded_sample
+    from gecko.train.axes import corpus_documents, rotate_onto_principal_axes
 
     if (out / "config.json").exists():
         return out
     st = SentenceTransformer(resolve_embedder(model), device="cpu")
-    documents = [format_document(p.text, p.title) for p in seeded_sample(load_corpus(str(CORPUS))[0], sample, seed)]
-    summary = rotate_onto_principal_axes(st, documents, [384, 256, 128, 64])
+    summary = rotate_onto_principal_axes(st, corpus_documents(load_corpus(str(CORPUS))[0], sample, seed), list(DIMS))
     st.save(str(out))
     print(f"{out}: {summary}", flush=True)
     return out

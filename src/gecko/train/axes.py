@@ -19,6 +19,8 @@ import random
 
 import numpy as np
 
+from gecko.formats import TextFormat
+
 
 def principal_axes(embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(R, share): R's columns the uncentred principal axes of the L2-normalised rows, by variance;
@@ -34,6 +36,12 @@ def principal_axes(embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def seeded_sample(items: list, limit: int, seed: int) -> list:
     """All of `items`, or a seeded sample of `limit` of them when there are more."""
     return items if len(items) <= limit else random.Random(seed).sample(items, limit)
+
+
+def corpus_documents(passages: list, limit: int, seed: int, fmt: TextFormat = TextFormat()) -> list[str]:
+    """The documents the axes are fitted on: a seeded sample of the corpus's passages (anything
+    with `title` and `text`), formatted as the model embeds documents."""
+    return [fmt.document(p.text, p.title) for p in seeded_sample(passages, limit, seed)]
 
 
 def rotate_onto_principal_axes(model, documents: list[str], dims: list[int], *, batch_size: int = 32) -> dict:

@@ -609,12 +609,11 @@ def _finish(out: Path, config: TrainConfig, model, results: list[StageResult], e
 def _rotate(model, config: TrainConfig, sources: list[SourceData], dims: list[int], events: EventLog) -> dict:
     """Rotate the trained model onto its principal axes over the data's corpus (every corpus a
     source names), else over the training passages (positives and negatives)."""
-    from gecko.train.axes import rotate_onto_principal_axes, seeded_sample
+    from gecko.train.axes import corpus_documents, rotate_onto_principal_axes, seeded_sample
 
     corpus = [p for s in sources for p in s.corpus]
     if corpus:
-        document = TextFormat(config.prompts).document
-        documents = [document(p.text, p.title) for p in seeded_sample(corpus, config.axes_documents, config.seed)]
+        documents = corpus_documents(corpus, config.axes_documents, config.seed, TextFormat(config.prompts))
     else:
         passages = dict.fromkeys(t for s in sources for e in s.examples for t in (e.positive, *e.negatives))
         documents = seeded_sample(list(passages), config.axes_documents, config.seed)
