@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import json
 import os
 import shutil
 import subprocess
@@ -59,13 +60,24 @@ class Lever:
     axes: bool = False  # gecko.train.axes' rotation, on in `gecko train` since 2026-12-06 (off: the rows measured before it)
 
 
+# the KL term as `gecko train` defaulted to until 2026-12-06 (weight 1; teacher per-token QL where the rows
+# have it, else QL): given explicitly, where a lever does not set them, so every row means what it meant
+EARLIER_DISTILL_WEIGHT = "1"
+
+
+def earlier_teacher(rows: Path) -> str:
+    with open(rows) as f:
+        candidates = [c for line in f for c in json.loads(line).get("candidates") or []]
+    return "ql-mean" if candidates and all(c.get("ql_mean") is not None for c in candidates) else "ql"
+
+
 FP32 = dict(precision="fp32")
 
 
 # the README's rows
 LEVERS = {
     "recipe": Lever("ab", texts=False, **FP32),
-    "kl": Lever("ab", **FP32),  # the default: the listwise KL term, QL teacher at t=5, lists of 6
+    "kl": Lever("ab", **FP32),  # the default until 2026-12-03: the listwise KL term, QL teacher at t=5, lists of 6
     "b128": Lever("ab", ("--batch-size", "128"), **FP32),
     "b256": Lever("ab", ("--batch-size", "256")),  # 10 steps under GradCache (bf16: paired against kl-bf16)
     "kl-bf16": Lever("ab"),  # the default trained under CPU bf16 autocast: the reference of the rows below it
@@ -74,11 +86,15 @@ LEVERS = {
     # per-token QL: for one query's candidates it is QL / the query's token count, a per-query temperature;
     # t = 0.42 is t = 5 for the median query (12 Gemma tokens in the committed journals)
     "qltok": Lever("ab", ("--distill-temperature", "0.42"), relabel_args=("--ql-norm", "mean")),
-    # `gecko train`'s defaults as they stand: per-token QL (its default temperature, 0.42) at the base model's 256 tokens
+    # `gecko train`'s defaults from 2026-12-03: per-token QL (its default temperature, 0.42) at the base model's 256 tokens
     "qltok-256": Lever("ab", relabel_args=("--ql-norm", "mean"), max_seq_length=None),
-    # `gecko train`'s defaults since 2026-12-06: qltok-256 rotated onto the corpus's principal axes
+    # `gecko train`'s defaults in session 14 (2026-12-06): qltok-256 rotated onto the corpus's principal axes
     "qltok-256-axes": Lever("ab", relabel_args=("--ql-norm", "mean"), max_seq_length=None, axes=True),
     "qlret": Lever("ab", ("--distill-teacher", "ql+retriever")),
+    "qlret-w4": Lever("ab", ("--distill-teacher", "ql+retriever", "--distill-weight", "4")),  # the KL term 4x the Gecko loss
+    # `gecko train`'s defaults since 2026-12-06 (session 15): the KL term at weight 4, teacher QL x retriever, 256 tokens, the axes
+    "qlret-w4-256-axes": Lever("ab", ("--distill-teacher", "ql+retriever", "--distill-weight", "4"), max_seq_length=None, axes=True),
+    "qlret-20": Lever("ab", ("--distill-teacher", "ql+retriever", "--distill-list", "20")),  # every one of a query's 20 candidates in the KL term
     # relabel's fused score (a sum of weight / rank): median spread over a query's candidates 1.4, QL's 19.9,
     # so t = 0.35 gives the target QL's softness at t = 5 (~4 nats from first to last)
     "fused": Lever("ab", ("--distill-teacher", "fused", "--distill-temperature", "0.35")),
@@ -155,9 +171,12 @@ def trained(name: str, work: Path) -> Path:
     corpus = ("--corpus", str(CORPUS)) if lever.texts else ()
     resume = ("--resume",) if (model / ".train").exists() else ()  # a run killed part way continues from its checkpoint
     length = ("--max-seq-length", lever.max_seq_length) if lever.max_seq_length else ()
-    gecko("train", "--data", str(rows), *corpus, "--out", str(model), *length,
-          "--precision", lever.precision, *lever.train_args, *(() if lever.axes else ("--no-principal-axes",)), *resume,
-          log=work / f"{name}.log")
+    distill = ()
+    if lever.texts:
+        distill = (*(() if "--distill-weight" in lever.train_args else ("--distill-weight", EARLIER_DISTILL_WEIGHT)),
+                   *(() if "--distill-teacher" in lever.train_args else ("--distill-teacher", earlier_teacher(rows))))
+    gecko("train", "--data", str(rows), *corpus, "--out", str(model), *length, "--precision", lever.precision,
+          *distill, *lever.train_args, *(() if lever.axes else ("--no-principal-axes",)), *resume, log=work / f"{name}.log")
     return model
 
 

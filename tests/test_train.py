@@ -500,8 +500,9 @@ def test_train_with_listwise_distillation_from_relabeled_candidates(shared_data,
     record = json.loads((tmp_path / "model2" / "training.json").read_text())
     fine = record["stages"][-1]
     assert record["principal_axes"]["fitted_on"] == "corpus" and record["principal_axes"]["documents"] == 96
-    # rows without per-token QL (relabel output before it): the default teacher is QL at t = 5
-    assert "KL(teacher ql at t=5 || student) over 4 candidates" in fine["loss"]["formula"] and fine["loss"]["distill_weight"] == 1.0
+    # rows with QL and the retriever's score: the default teacher is their product, at t = 5
+    assert "KL(teacher ql+retriever at t=5 || student) over 4 candidates" in fine["loss"]["formula"]
+    assert fine["loss"]["distill_weight"] == 1.0
     cached = replace(config, out=str(tmp_path / "model3"), steps=1, mini_batch_size=4)  # the GradCache variant runs too
     train(cached)
     assert json.loads((tmp_path / "model3" / "training.json").read_text())["stages"][-1]["loss"]["mini_batch_size"] == 4
@@ -544,7 +545,7 @@ def test_principal_axes_keep_every_full_cosine_and_more_of_each_truncation(share
     assert np.allclose(SentenceTransformer(str(tmp_path / "rotated"), device="cpu").encode(docs), model.encode(docs), atol=1e-6)
 
 
-def test_default_teacher_is_per_token_ql_where_every_relabeled_row_has_it():
+def test_default_teacher_is_ql_times_retriever_at_weight_4_where_every_relabeled_row_has_both():
     from gecko.train.run import _teacher_scores
 
     base = TrainConfig(data=["rows.jsonl"], out="model")
@@ -553,8 +554,11 @@ def test_default_teacher_is_per_token_ql_where_every_relabeled_row_has_it():
         resolved = config.resolved(True, scores)
         return resolved.distill_teacher, resolved.distill_temperature
 
-    assert settings(base, frozenset({"ql", "ql-mean", "fused", "retriever"})) == ("ql-mean", 0.42)
-    assert settings(base, frozenset({"ql", "fused", "retriever"})) == ("ql", 5.0)
+    assert settings(base, frozenset({"ql", "ql-mean", "fused", "retriever"})) == ("ql+retriever", 5.0)
+    assert settings(base, frozenset({"ql", "ql-mean", "fused"})) == ("ql-mean", 0.42)
+    assert settings(base, frozenset({"ql", "fused"})) == ("ql", 5.0)
+    assert base.resolved(True).distill_weight == 4.0 and base.resolved(False).distill_weight == 0.0
+    assert replace(base, distill_weight=1.0).resolved(True).distill_weight == 1.0
     assert settings(replace(base, distill_teacher="fused"), frozenset({"ql-mean"})) == ("fused", 0.35)
     assert settings(replace(base, distill_temperature=2.0), frozenset({"ql-mean"})) == ("ql-mean", 2.0)
     new = Example("q", "p", [], [("d", {"ql": -4.0, "ql-mean": -1.0, "fused": 1.0})])

@@ -76,6 +76,11 @@ class DataSpec:
 # experts, the continuous counterpart of relabel's default fusion (see `gecko.train.data.teacher_score`).
 TEACHER_TEMPERATURES = {"ql-mean": 0.42, "ql": 5.0, "fused": 0.35, "retriever": 0.05, "ql+retriever": 5.0}
 TEACHERS = tuple(TEACHER_TEMPERATURES)
+# the KL term's weight where it is on by default, and its teacher: chosen together on SciFact dev at
+# 128 tokens, ql+retriever at 4 over the same teacher at 1 (+0.58, CI +0.1..+1.1 at 384 dims) and over
+# per-token QL at 1 (67.47 vs 67.23) (benchmarks/RESULTS.md, "The KL term at weight 4").
+DISTILL_WEIGHT = 4.0
+DISTILL_TEACHER = "ql+retriever"
 DISTILL_MINI_BATCH = 32  # GradCache rows per forward when the KL term is on and mini_batch_size is not given
 HARD_NEGATIVES = ("own", "batch", "none")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -93,6 +98,13 @@ class StageConfig:
     epochs: float = option(1.0, "epochs of the pre-finetuning stage")
     batch_size: int | None = option(None, "per device (default: the fine-tuning's)")
     lr: float | None = option(None, "learning rate (default: the fine-tuning's)")
+
+
+def _default_teacher(scores: frozenset[str]) -> str:
+    """DISTILL_TEACHER where every relabeled candidate has its scores, else per-token QL (relabel
+    output since 2026-12-03), else QL (every relabel output has it)."""
+    needs = {DISTILL_TEACHER: {"ql", "retriever"}, "ql-mean": {"ql-mean"}}
+    return next((t for t, need in needs.items() if need <= scores), "ql")
 
 
 @dataclass
@@ -125,10 +137,11 @@ class TrainConfig:
                                          f"{DISTILL_MINI_BATCH} when the KL term is on, else off")
     # listwise distillation (gecko.train.loss.ListwiseDistillLoss) over each relabeled query's candidates
     distill_weight: float | None = option(None, "weight of the listwise KL(LLM teacher || student) term over each query's "
-                                          "candidates (0: off); default: 1 when the data has relabeled candidates and "
-                                          "their texts (a relabel file with its --corpus), else off")
-    distill_teacher: str | None = option(None, "the teacher's score; default: ql-mean (QL per query token) when the "
-                                         "data has it (gecko relabel's output since 2026-12-03), else ql", choices=TEACHERS)
+                                          f"candidates (0: off); default: {DISTILL_WEIGHT:g} when the data has relabeled "
+                                          "candidates and their texts (a relabel file with its --corpus), else off")
+    distill_teacher: str | None = option(None, f"the teacher's score; default: {DISTILL_TEACHER} (QL times the base "
+                                         "retriever's softmax), else ql-mean (QL per query token), else ql, the first "
+                                         "every relabeled candidate has a score for", choices=TEACHERS)
     distill_temperature: float | None = option(None, "the teacher's softmax temperature; default: the teacher's (" +
                                                ", ".join(f"{k} {v:g}" for k, v in TEACHER_TEMPERATURES.items()) + ")")
     distill_list: int = option(6, "texts per query in the KL term")
@@ -185,14 +198,15 @@ class TrainConfig:
 
     def resolved(self, has_candidates: bool, teacher_scores: frozenset[str] = frozenset()) -> "TrainConfig":
         """The automatic settings made concrete for data with (or without) relabeled candidates whose
-        scores are `teacher_scores`: the KL term on at weight 1 where it can be (on 2,776 SciFact
+        scores are `teacher_scores`: the KL term on at DISTILL_WEIGHT where it can be (on 2,776 SciFact
         queries it beat the recipe on dev at 384 and 256 dims: benchmarks/RESULTS.md, "Twice the
         data"), its teacher and temperature, and then GradCache, because the plain KL forward keeps
         the graphs of batch x (list + 1) texts (9.9 vs 2.9 GB peak RSS at batch 32, 128 tokens: "The
         KL term's cost")."""
-        weight = self.distill_weight if self.distill_weight is not None else float(has_candidates and not self.homogeneous)
+        automatic = DISTILL_WEIGHT if has_candidates and not self.homogeneous else 0.0
+        weight = self.distill_weight if self.distill_weight is not None else automatic
         mini = self.mini_batch_size if self.mini_batch_size is not None else (DISTILL_MINI_BATCH if weight else 0)
-        teacher = self.distill_teacher or ("ql-mean" if "ql-mean" in teacher_scores else "ql")
+        teacher = self.distill_teacher or _default_teacher(teacher_scores)
         temperature = self.distill_temperature if self.distill_temperature is not None else TEACHER_TEMPERATURES[teacher]
         return dataclasses.replace(self, distill_weight=weight, mini_batch_size=mini or None, distill_teacher=teacher,
                                    distill_temperature=temperature)
