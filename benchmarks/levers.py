@@ -92,6 +92,7 @@ LEVERS = {
     "qltok-256-axes": Lever("ab", relabel_args=("--ql-norm", "mean"), max_seq_length=None, axes=True),
     "qlret": Lever("ab", ("--distill-teacher", "ql+retriever")),
     "qlret-w4": Lever("ab", ("--distill-teacher", "ql+retriever", "--distill-weight", "4")),  # the KL term 4x the Gecko loss
+    "qlret-w8": Lever("ab", ("--distill-teacher", "ql+retriever", "--distill-weight", "8")),
     # `gecko train`'s defaults since 2026-12-06 (session 15): the KL term at weight 4, teacher QL x retriever, 256 tokens, the axes
     "qlret-w4-256-axes": Lever("ab", ("--distill-teacher", "ql+retriever", "--distill-weight", "4"), max_seq_length=None, axes=True),
     "qlret-20": Lever("ab", ("--distill-teacher", "ql+retriever", "--distill-list", "20")),  # every one of a query's 20 candidates in the KL term
