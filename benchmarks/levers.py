@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import json
 import os
 import shutil
 import subprocess
@@ -66,12 +65,15 @@ EARLIER_DISTILL_WEIGHT = "1"
 
 
 def earlier_teacher(rows: Path) -> str:
-    with open(rows) as f:
-        candidates = [c for line in f for c in json.loads(line).get("candidates") or []]
-    return "ql-mean" if candidates and all(c.get("ql_mean") is not None for c in candidates) else "ql"
+    from gecko.train.config import DataSpec
+    from gecko.train.data import load_source
+    from gecko.train.run import _teacher_scores
+
+    return "ql-mean" if "ql-mean" in _teacher_scores([load_source(DataSpec(str(rows), corpus=str(CORPUS)))]) else "ql"
 
 
 FP32 = dict(precision="fp32")
+QLRET = ("--distill-teacher", "ql+retriever")  # the teacher QL x the base retriever
 
 
 # the README's rows
@@ -90,12 +92,12 @@ LEVERS = {
     "qltok-256": Lever("ab", relabel_args=("--ql-norm", "mean"), max_seq_length=None),
     # `gecko train`'s defaults in session 14 (2026-12-06): qltok-256 rotated onto the corpus's principal axes
     "qltok-256-axes": Lever("ab", relabel_args=("--ql-norm", "mean"), max_seq_length=None, axes=True),
-    "qlret": Lever("ab", ("--distill-teacher", "ql+retriever")),
-    "qlret-w4": Lever("ab", ("--distill-teacher", "ql+retriever", "--distill-weight", "4")),  # the KL term 4x the Gecko loss
-    "qlret-w8": Lever("ab", ("--distill-teacher", "ql+retriever", "--distill-weight", "8")),
+    "qlret": Lever("ab", QLRET),
+    "qlret-w4": Lever("ab", (*QLRET, "--distill-weight", "4")),  # the KL term 4x the Gecko loss
+    "qlret-w8": Lever("ab", (*QLRET, "--distill-weight", "8")),
     # `gecko train`'s defaults since 2026-12-06 (session 15): the KL term at weight 4, teacher QL x retriever, 256 tokens, the axes
-    "qlret-w4-256-axes": Lever("ab", ("--distill-teacher", "ql+retriever", "--distill-weight", "4"), max_seq_length=None, axes=True),
-    "qlret-20": Lever("ab", ("--distill-teacher", "ql+retriever", "--distill-list", "20")),  # every one of a query's 20 candidates in the KL term
+    "qlret-w4-256-axes": Lever("ab", (*QLRET, "--distill-weight", "4"), max_seq_length=None, axes=True),
+    "qlret-20": Lever("ab", (*QLRET, "--distill-list", "20")),  # every one of a query's 20 candidates in the KL term
     # relabel's fused score (a sum of weight / rank): median spread over a query's candidates 1.4, QL's 19.9,
     # so t = 0.35 gives the target QL's softness at t = 5 (~4 nats from first to last)
     "fused": Lever("ab", ("--distill-teacher", "fused", "--distill-temperature", "0.35")),

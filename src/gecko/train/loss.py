@@ -277,9 +277,9 @@ class ListwiseDistillLoss(nn.Module):
     """The Gecko loss plus a listwise distillation term from the LLM's scores of a query's candidates.
 
     For query q_i with list C_i = [p_i, p_i^-..., c_i1 ...] (positive, hard negatives, extra
-    candidates of its relabeled top N) and teacher scores r_ij (QL plus the base retriever's scaled cosine by
-    default, QL per query token, summed QL, fused rank score, ...: `TrainConfig.distill_teacher`), with t_s the Gecko temperature and t_r
-    the teacher's:
+    candidates of its relabeled top N) and teacher scores r_ij (QL plus the base retriever's scaled
+    cosine by default, QL per query token, summed QL, fused rank score, ...:
+    `TrainConfig.distill_teacher`), with t_s the Gecko temperature and t_r the teacher's:
 
         P_ij = softmax_j(r_ij / t_r)                    the teacher's distribution over C_i
         Q_ij = softmax_j(cos(q_i, c_ij) / t_s)          the student's
