@@ -29,6 +29,7 @@ from gecko.relabel import (
     build_example,
     fuse,
     is_easy,
+    is_lost,
     load_generated,
     naive_score,
     parse_weights,
@@ -184,6 +185,14 @@ def test_easy_examples_are_marked_by_seed_rank_and_margin():
     assert ex.positive_id == "p0" and is_easy(ex, 0.1) and not is_easy(ex, 0.3)
     hard, _, _ = build_example(RECORD, _entry(rows, seed_rank=3, seed_margin=-0.1), PASSAGES, RelabelConfig())
     assert not is_easy(hard, -1.0)
+
+
+def test_queries_whose_seed_the_retriever_lost_are_marked_by_seed_rank():
+    rows = _rows(ql=[-1, -2, -3, -4, -5], rc=[0.4, 0.3, 0.2, 0.1, 0.0])
+    near, _, _ = build_example(RECORD, _entry(rows, seed_rank=3, seed_margin=-0.1), PASSAGES, RelabelConfig())
+    assert not is_lost(near, 3) and is_lost(near, 2)
+    gone, _, _ = build_example(RECORD, _entry(rows, seed_rank=None, seed_margin=-0.3), PASSAGES, RelabelConfig())
+    assert is_lost(gone, 20)
 
 
 def test_config_rejects_fusions_the_prompt_cannot_give():
@@ -492,12 +501,12 @@ def test_relabel_end_to_end_on_the_real_llm(shared_data, tmp_path):
     # a rerun, and a rerun with another fusion / negative rule / output format: no LLM call
     calls = llm.backend_calls
     again = run_relabel(generated, corpus, tmp_path / "ql.parquet", llm,
-                        RelabelConfig(top_n=4, score=FAST, fusion="ql", negative="random", drop_easy_margin=-1.0,
+                        RelabelConfig(top_n=4, score=FAST, fusion="ql", negative="random", drop_easy_margin=-1.0, max_seed_rank=1,
                                       retrieve=RetrieveConfig(cache_dir=str(tmp_path / "emb"))), progress=False)
     assert llm.backend_calls == calls and again.corpus_encoded == 0
     import pyarrow.parquet as pq
 
-    assert pq.read_table(tmp_path / "ql.parquet").num_rows == again.examples == 6 - again.skipped["easy"]
+    assert pq.read_table(tmp_path / "ql.parquet").num_rows == again.examples == 6 - again.skipped["easy"] - again.skipped["lost seed"]
 
 
 def test_kill_9_then_rerun_finishes_exactly_once(shared_data, tmp_path):

@@ -66,6 +66,9 @@ class RelabelConfig:
         None, "never a negative: a candidate whose QL is within this many nats of the positive's")
     drop_easy_margin: float | None = option(
         None, "drop examples whose seed the base retriever ranks first by at least this cosine margin (off by default)")
+    max_seed_rank: int | None = option(
+        None, "drop examples whose seed the base retriever ranks below this, or not in the top-N at all: a relaxed round-trip "
+        "filter (Promptagator) against queries that lost their passage (off by default)")
     # a passage retrieved by several queries of one chunk is evaluated by the LLM once for all of
     # them, so bigger chunks share more; memory per chunk is a few hundred bytes per query (its
     # top-N ids, scores and LLM scores)
@@ -375,6 +378,12 @@ def is_easy(example: RelabelExample, margin: float) -> bool:
     return example.seed_rank == 1 and not example.positive_changed and example.seed_margin >= margin
 
 
+def is_lost(example: RelabelExample, max_rank: int) -> bool:
+    """The base retriever does not rank the query's own seed passage in its top `max_rank`: the
+    query is likely about something else (a generation that drifted), whatever the LLM relabels."""
+    return example.seed_rank is None or example.seed_rank > max_rank
+
+
 def write_rows(out: Path, rows: list[dict]) -> None:
     """One .parquet or .jsonl file, by suffix, written beside `out` and renamed over it."""
     if out.suffix != ".parquet":
@@ -567,6 +576,9 @@ def _assemble(records: list[GeneratedRecord], entries: dict[str, dict], passages
         stats.add(example, signals, entries[r.id]["candidates"])
         if config.drop_easy_margin is not None and is_easy(example, config.drop_easy_margin):
             summary.skipped["easy"] += 1
+            continue
+        if config.max_seed_rank is not None and is_lost(example, config.max_seed_rank):
+            summary.skipped["lost seed"] += 1
             continue
         summary.examples += 1
         summary.positive_changed += example.positive_changed
