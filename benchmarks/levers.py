@@ -101,6 +101,7 @@ LEVERS = {
     "qlret-w4-rng1": Lever("ab", (*QLRET, "--distill-weight", "4", "--seed", "1")),  # qlret-w4 with another training seed
     "qlret-w4-lr4": Lever("ab", (*QLRET, "--distill-weight", "4", "--lr", "4e-5")),  # twice the learning rate
     "qlret-w4-t2.5": Lever("ab", (*QLRET_T25, "--distill-weight", "4")),
+    "qlret-w4-t2.5-rng1": Lever("ab", (*QLRET_T25, "--distill-weight", "4", "--seed", "1")),
     # a relaxed round-trip filter: only queries whose seed the base retriever ranks in its top 20 (every candidate list's)
     "qlret-w4-seed20": Lever("ab", (*QLRET, "--distill-weight", "4"), relabel_args=("--max-seed-rank", "20")),
     # both: the sharper teacher on the filtered queries
