@@ -74,7 +74,8 @@ def earlier_teacher(rows: Path) -> str:
 
 FP32 = dict(precision="fp32")
 QLRET = ("--distill-teacher", "ql+retriever")  # the teacher QL x the base retriever
-QLRET_T25 = (*QLRET, "--distill-temperature", "2.5")  # the same with QL's expert twice as sharp (default t: 5)
+QLRET_W4 = (*QLRET, "--distill-weight", "4")  # qlret-w4's: the KL term 4x the Gecko loss
+QLRET_W4_T25 = (*QLRET_W4, "--distill-temperature", "2.5")  # the same with QL's expert twice as sharp (default t: 5)
 
 
 # the README's rows
@@ -94,18 +95,18 @@ LEVERS = {
     # `gecko train`'s defaults in session 14 (2026-12-06): qltok-256 rotated onto the corpus's principal axes
     "qltok-256-axes": Lever("ab", relabel_args=("--ql-norm", "mean"), max_seq_length=None, axes=True),
     "qlret": Lever("ab", QLRET),
-    "qlret-w4": Lever("ab", (*QLRET, "--distill-weight", "4")),  # the KL term 4x the Gecko loss
+    "qlret-w4": Lever("ab", QLRET_W4),
     "qlret-w8": Lever("ab", (*QLRET, "--distill-weight", "8")),
     # `gecko train`'s defaults since 2026-12-06 (session 15): the KL term at weight 4, teacher QL x retriever, 256 tokens, the axes
-    "qlret-w4-256-axes": Lever("ab", (*QLRET, "--distill-weight", "4"), max_seq_length=None, axes=True),
-    "qlret-w4-rng1": Lever("ab", (*QLRET, "--distill-weight", "4", "--seed", "1")),  # qlret-w4 with another training seed
-    "qlret-w4-lr4": Lever("ab", (*QLRET, "--distill-weight", "4", "--lr", "4e-5")),  # twice the learning rate
-    "qlret-w4-t2.5": Lever("ab", (*QLRET_T25, "--distill-weight", "4")),
-    "qlret-w4-t2.5-rng1": Lever("ab", (*QLRET_T25, "--distill-weight", "4", "--seed", "1")),
+    "qlret-w4-256-axes": Lever("ab", QLRET_W4, max_seq_length=None, axes=True),
+    "qlret-w4-rng1": Lever("ab", (*QLRET_W4, "--seed", "1")),  # qlret-w4 with another training seed
+    "qlret-w4-lr4": Lever("ab", (*QLRET_W4, "--lr", "4e-5")),  # twice the learning rate
+    "qlret-w4-t2.5": Lever("ab", QLRET_W4_T25),
+    "qlret-w4-t2.5-rng1": Lever("ab", (*QLRET_W4_T25, "--seed", "1")),
     # a relaxed round-trip filter: only queries whose seed the base retriever ranks in its top 20 (every candidate list's)
-    "qlret-w4-seed20": Lever("ab", (*QLRET, "--distill-weight", "4"), relabel_args=("--max-seed-rank", "20")),
+    "qlret-w4-seed20": Lever("ab", QLRET_W4, relabel_args=("--max-seed-rank", "20")),
     # both: the sharper teacher on the filtered queries
-    "qlret-w4-t2.5-seed20": Lever("ab", (*QLRET_T25, "--distill-weight", "4"), relabel_args=("--max-seed-rank", "20")),
+    "qlret-w4-t2.5-seed20": Lever("ab", QLRET_W4_T25, relabel_args=("--max-seed-rank", "20")),
     "qlret-20": Lever("ab", (*QLRET, "--distill-list", "20")),  # every one of a query's 20 candidates in the KL term
     # relabel's fused score (a sum of weight / rank): median spread over a query's candidates 1.4, QL's 19.9,
     # so t = 0.35 gives the target QL's softness at t = 5 (~4 nats from first to last)
