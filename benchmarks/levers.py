@@ -107,6 +107,9 @@ LEVERS = {
     "qlret-w4-seed20": Lever("ab", QLRET_W4, relabel_args=("--max-seed-rank", "20")),
     # both: the sharper teacher on the filtered queries
     "qlret-w4-t2.5-seed20": Lever("ab", QLRET_W4_T25, relabel_args=("--max-seed-rank", "20")),
+    # no Matryoshka terms: the loss at 384 dims only, the small dims left to the principal axes' rotation
+    "qlret-w4-d384": Lever("ab", (*QLRET_W4, "--dims", "384"), axes=True),
+    "qlret-w4-d384-rng1": Lever("ab", (*QLRET_W4, "--dims", "384", "--seed", "1"), axes=True),
     "qlret-20": Lever("ab", (*QLRET, "--distill-list", "20")),  # every one of a query's 20 candidates in the KL term
     # relabel's fused score (a sum of weight / rank): median spread over a query's candidates 1.4, QL's 19.9,
     # so t = 0.35 gives the target QL's softness at t = 5 (~4 nats from first to last)
@@ -116,6 +119,8 @@ LEVERS = {
     "full-86": Lever("abc", ("--steps", "86")),  # all the rows at the default's 86 steps: more data, not more steps
     "full-b128": Lever("abc", ("--batch-size", "128")),
     "full-b256": Lever("abc", ("--batch-size", "256")),
+    # qlret-w4 on every abstract's queries at one epoch (299 steps): what a `gecko run` over a whole corpus trains
+    "full-w4": Lever("abc", QLRET_W4),
 }
 
 
