@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import json
 import os
 import shutil
 import subprocess
@@ -57,6 +58,7 @@ class Lever:
     precision: str = "bf16"  # explicit, so a row means the same on every CPU; fp32 for the rows measured before bf16
     max_seq_length: str | None = "128"  # tokens per text in training, as the recipe's run (None: the base model's, 256)
     axes: bool = False  # gecko.train.axes' rotation, on in `gecko train` since 2026-12-06 (off: the rows measured before it)
+    sample: int | None = None  # only the first query of each of `gecko run`'s sample of this many passages (generate.sample)
 
 
 # the KL term as `gecko train` defaulted to until 2026-12-06 (weight 1; teacher per-token QL where the rows
@@ -99,6 +101,7 @@ LEVERS = {
     "qlret-w8": Lever("ab", (*QLRET, "--distill-weight", "8")),
     # `gecko train`'s defaults since 2026-12-06 (session 15): the KL term at weight 4, teacher QL x retriever, 256 tokens, the axes
     "qlret-w4-256-axes": Lever("ab", QLRET_W4, max_seq_length=None, axes=True),
+    "qlret-w4-256-axes-rng1": Lever("ab", (*QLRET_W4, "--seed", "1"), max_seq_length=None, axes=True),  # another seed
     "qlret-w4-rng1": Lever("ab", (*QLRET_W4, "--seed", "1")),  # qlret-w4 with another training seed
     "qlret-w4-lr4": Lever("ab", (*QLRET_W4, "--lr", "4e-5")),  # twice the learning rate
     "qlret-w4-t2.5": Lever("ab", QLRET_W4_T25),
@@ -110,6 +113,10 @@ LEVERS = {
     # no Matryoshka terms: the loss at 384 dims only, the small dims left to the principal axes' rotation
     "qlret-w4-d384": Lever("ab", (*QLRET_W4, "--dims", "384"), axes=True),
     "qlret-w4-d384-rng1": Lever("ab", (*QLRET_W4, "--dims", "384", "--seed", "1"), axes=True),
+    # the Gecko temperature (0.05, sentence-transformers' scale 20) lower: the student's softmax in both terms is sharper,
+    # so it matches the teacher's list with smaller moves of its cosines (E5 and BGE train at 0.01-0.02); and higher
+    "qlret-w4-tau02": Lever("ab", (*QLRET_W4, "--temperature", "0.02")),
+    "qlret-w4-tau10": Lever("ab", (*QLRET_W4, "--temperature", "0.1")),
     "qlret-20": Lever("ab", (*QLRET, "--distill-list", "20")),  # every one of a query's 20 candidates in the KL term
     # relabel's fused score (a sum of weight / rank): median spread over a query's candidates 1.4, QL's 19.9,
     # so t = 0.35 gives the target QL's softness at t = 5 (~4 nats from first to last)
@@ -121,6 +128,9 @@ LEVERS = {
     "full-b256": Lever("abc", ("--batch-size", "256")),
     # qlret-w4 on every abstract's queries at one epoch (299 steps): what a `gecko run` over a whole corpus trains
     "full-w4": Lever("abc", QLRET_W4),
+    # what `gecko run` trains on by default since session 18: the first query of each of a uniform sample of 3,000
+    # abstracts (generate.sample, generate.per_passage 1), qlret-w4's options
+    "sample3000-w4": Lever("abc", QLRET_W4, sample=3000),
 }
 
 
@@ -158,12 +168,25 @@ def rewritten(key: str, relabel_args: tuple[str, ...], work: Path) -> Path:
     return out
 
 
+def keep_sampled(rows: Path, sample: int) -> None:
+    """Keep the rows `gecko run` would have generated with generate.sample=SAMPLE and one query per
+    passage: each sampled passage's first query (the committed data has two per passage)."""
+    from gecko.corpus import load_corpus
+    from gecko.generate import select_passages
+
+    seeds = {p.id for p in select_passages(load_corpus(CORPUS)[0], sample=sample)}
+    lines = rows.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = [line for line in lines if (row := json.loads(line))["seed_id"] in seeds and row["id"].endswith(":q0")]
+    rows.write_text("".join(kept), encoding="utf-8")
+    print(f"{rows.parent.name}: {len(kept)} of {len(lines)} relabeled queries are a sampled passage's first", flush=True)
+
+
 def training_rows(lever: Lever, work: Path) -> Path:
     """OUT/data-PARTS[-RELABEL OPTIONS]/train.jsonl: the parts' rows minus the label-free check's seeds."""
     from gecko.pipeline.config import TrainStage
     from gecko.pipeline.holdout import split_holdout
 
-    folder = work / "-".join(filter(None, ("data", lever.parts, slug(lever.relabel_args))))
+    folder = work / "-".join(filter(None, ("data", lever.parts, slug(lever.relabel_args), lever.sample and f"s{lever.sample}")))
     if (folder / "train.jsonl").exists():
         return folder / "train.jsonl"
     folder.mkdir(parents=True, exist_ok=True)
@@ -176,6 +199,8 @@ def training_rows(lever: Lever, work: Path) -> Path:
             else:
                 with gzip.open(COMMITTED / PARTS[key].relabeled, "rb") as src:
                     shutil.copyfileobj(src, dst)
+    if lever.sample:
+        keep_sampled(everything, lever.sample)
     split = split_holdout(everything, str(CORPUS), folder, TrainStage.holdout, TrainStage.holdout_max)
     print(f"{folder.name}: {split.trained} rows to train on, {split.held_out} held out", flush=True)
     return split.train

@@ -13,7 +13,7 @@ import pyarrow.json as pa_json
 import pytest
 
 from gecko.corpus import Passage
-from gecko.generate import GenerateConfig, generate_batch, parse_query, run_generate
+from gecko.generate import GenerateConfig, generate_batch, parse_query, run_generate, select_passages
 from gecko.llm import LLMError
 from gecko.llm import load_llm
 from gecko.prompts import few_shot_queries
@@ -103,6 +103,22 @@ def test_rerun_with_other_settings_redoes_the_journaled_passages(tmp_path):
     assert llm.prompts == 2 * first and summary.passages == 2  # other settings: redone, not reused
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert sorted(r["seed_id"] for r in records) == ["d0", "d1"] and {r["temperature"] for r in records} == {0.5}
+
+
+def test_a_sample_is_uniform_nested_and_blind_to_corpus_order(tmp_path):
+    passages = [Passage(id=f"d{i}", doc_id=f"d{i}", title="", text=PASSAGE.text) for i in range(1000)]
+    small, large = select_passages(passages, sample=100), select_passages(passages, sample=300)
+    assert len(small) == 100 and {p.id for p in small} <= {p.id for p in large}  # a larger budget reuses the smaller's work
+    assert small == sorted(small, key=passages.index)  # corpus order kept
+    assert {p.id for p in select_passages(passages[::-1], sample=100)} == {p.id for p in small}
+    assert 0 < sum(int(p.id[1:]) < 500 for p in small) < 100 and small != passages[:100]  # drawn from the whole corpus
+    assert select_passages(passages, limit=50, sample=300) == passages[:50]  # limit first; a sample of more keeps all
+    assert {p.id for p in select_passages(passages, sample=100, seed=1)} != {p.id for p in small}
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"_id": f"d{i}", "title": "", "text": PASSAGE.text}) + "\n" for i in range(5)))
+    summary = run_generate(corpus, tmp_path / "generated.jsonl", ConstantLLM(), GenerateConfig(), progress=False, sample=3)
+    assert (summary.passages, summary.corpus_passages) == (3, 5) and "passages: 3 of the corpus's 5" in summary.render()
 
 
 def _slice(shared_data, tmp_path, n):

@@ -21,6 +21,7 @@ import yaml
 from gecko.cli import main
 from gecko.corpus import load_beir, load_corpus
 from gecko.demo import demo_config
+from gecko.generate import PASSAGE_SAMPLE
 from gecko.llm import CachedLLM, LLMCache, open_backend
 from gecko.pipeline import STAGES, ConfigError, PipelineError, load_config, read_manifest, run_pipeline, start_in_background
 
@@ -64,6 +65,7 @@ def test_unknown_keys_are_named_with_their_path_and_line(tmp_path):
     ("relabel.retrieve.index=hnsw", r"relabel\.retrieve\.index: unknown index 'hnsw'"),
     ("generate.task_types=[poetry]", r"generate\.task_types: unknown task type"),
     ("generate.limit=0", r"generate\.limit: limit must be at least 1"),
+    ("generate.sample=0", r"generate\.sample: sample must be at least 1"),
     ("train.batch_size=1", r"train\.batch_size: batch_size must be at least 2"),
     ("eval.dims=[384, big]", r"eval\.dims\.1: Input should be a valid integer"),
     ("corpus=missing.jsonl", r"corpus: missing\.jsonl: no such file"),
@@ -84,6 +86,7 @@ def test_overrides_are_yaml_values_on_dotted_paths_and_the_config_round_trips(tm
     assert config.relabel.config.top_n == 7 and config.relabel.config.score.max_passage_words == 30
     assert config.train.settings["epochs"] == 2.0 and config.eval.dims == (384, 64)
     assert config.generate.limit is None and config.relabel.config.drop_easy_margin == 0.1
+    assert config.generate.sample == PASSAGE_SAMPLE  # gecko run's passage budget unless the file or command line says
     assert config.train.data[0].name == "stsb" and config.train.data[0].weight == 0.5
     assert config.run_dir == "elsewhere"  # run_dir (and command-line paths) stay relative to the current directory
     assert config.relabel.config.fusion  # untouched keys keep the file's value or the stage's default

@@ -47,11 +47,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         from gecko.scale import run_generate_ray
 
         summary = run_generate_ray(args.corpus, args.out, args.llm, config, _ray_config(args), limit=args.limit,
-                                   lenient=args.lenient, progress=not args.summary_json,
+                                   sample=args.sample, lenient=args.lenient, progress=not args.summary_json,
                                    prices=_prices(args), max_cost=args.max_cost)
     else:
         llm = _load_llm(args)
-        summary = run_generate(args.corpus, args.out, llm, config, limit=args.limit, lenient=args.lenient, progress=not args.summary_json)
+        summary = run_generate(args.corpus, args.out, llm, config, limit=args.limit, lenient=args.lenient,
+                               progress=not args.summary_json, sample=args.sample)
     print(json.dumps(summary.to_dict()) if args.summary_json else summary.render())
     return 0
 
@@ -304,12 +305,15 @@ def _llm_work() -> list[argparse.ArgumentParser]:
 
 
 def _add_generate(commands, llm) -> None:
-    from gecko.generate import GenerateConfig
+    from gecko.generate import PASSAGE_SAMPLE, GenerateConfig
 
     gen = commands.add_parser("generate", parents=[*_llm_work(), llm], help="FRet step 1: the LLM writes a task and a query per passage")
     gen.add_argument("--corpus", required=True, help="corpus file or folder (see `gecko corpus check`)")
     gen.add_argument("--out", required=True, help="output JSONL; OUT.journal holds progress for resuming")
     gen.add_argument("--limit", type=int, default=None, help="only the first N passages")
+    gen.add_argument("--sample", type=int, default=None,
+                     help="then a seeded uniform sample of N of them (default: every one; `gecko run` samples "
+                     f"{PASSAGE_SAMPLE})")
     add_options(gen, GenerateConfig)
     gen.add_argument("--lenient", action="store_true", help="skip and count bad corpus records")
     gen.add_argument("--summary-json", action="store_true", help=SUMMARY_JSON)

@@ -3,7 +3,7 @@
     run_dir: runs/scifact          # outputs; relative to the current directory
     corpus: data/corpus.jsonl      # the passages (queries are retrieved in it); relative to this file
     llm: default
-    generate: {limit: 1000, ...}   # GenerateConfig's fields, plus corpus / limit / lenient
+    generate: {limit: 1000, ...}   # GenerateConfig's fields, plus corpus / limit / sample / lenient
     relabel: {top_n: 20, score: {max_passage_words: 200}, ...}   # RelabelConfig's, plus limit
     train: {epochs: 1, data: [...], ...}   # TrainConfig's; data = sources mixed with the relabeled examples
     eval: {tasks: {scifact: path}, dims: [...], ...}
@@ -30,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from gecko.generate import GenerateConfig
+from gecko.generate import PASSAGE_SAMPLE, GenerateConfig
 from gecko.llm.usage import Price
 from gecko.models import DEFAULT
 from gecko.relabel import RelabelConfig
@@ -52,11 +52,13 @@ class GenerateStage:
     config: GenerateConfig = GenerateConfig()
     corpus: str | None = None  # passages to write queries for; default: the run's corpus
     limit: int | None = None  # only the first N passages
+    sample: int | None = PASSAGE_SAMPLE  # then a seeded uniform sample of N of them (null: every one)
     lenient: bool = False  # skip and count bad corpus records
 
     def __post_init__(self):
-        if self.limit is not None and self.limit < 1:
-            raise ValueError(f"limit must be at least 1 (or null for all), got {self.limit}")
+        for name in ("limit", "sample"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1 (or null for all), got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
@@ -154,7 +156,8 @@ class PipelineConfig:
         out = {"run_dir": self.run_dir, "corpus": self.corpus, "llm": self.llm, "llm_cache": self.llm_cache,
                "llm_options": dict(self.llm_options), "prices": plain_data(self.prices), "max_cost": self.max_cost}
         g, r, t, e = self.generate, self.relabel, self.train, self.eval
-        out["generate"] = {**plain_data(g.config), "corpus": g.corpus, "limit": g.limit, "lenient": g.lenient}
+        out["generate"] = {**plain_data(g.config), "corpus": g.corpus, "limit": g.limit, "sample": g.sample,
+                           "lenient": g.lenient}
         out["relabel"] = {**plain_data(r.config), "limit": r.limit}
         out["train"] = {**plain_data(t.settings), "data": [plain_data(d) for d in t.data], "weight": t.weight,
                         "holdout": t.holdout, "holdout_max": t.holdout_max}
@@ -336,7 +339,7 @@ def _build(raw: dict) -> PipelineConfig:
             raise _KeyProblem(name, "required (a path)")
     generate, relabel, train, ev = (_section(raw, n) for n in ("generate", "relabel", "train", "eval"))
 
-    extras = {"corpus", "limit", "lenient"}
+    extras = {"corpus", "limit", "sample", "lenient"}
     _check_keys(generate, extras | _field_names(GenerateConfig), "generate.", nested=GenerateConfig)
     gen_config = _validate(GenerateConfig, {k: v for k, v in generate.items() if k not in extras}, "generate")
     gen = _validate(GenerateStage, {"config": gen_config, **{k: v for k, v in generate.items() if k in extras}}, "generate")

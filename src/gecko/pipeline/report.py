@@ -122,7 +122,10 @@ def write_report(run_dir: Path, config: PipelineConfig, runs, results, baseline)
     g = gen["summary"]
     rate = g["passages_with_query"] / max(g["passages"], 1)
     lines += ["", "## 1 generate (the LLM writes a task and a query per passage)", "",
-              f"- passages: {g['passages']}, {g['passages_with_query']} with an accepted query ({rate:.0%}); "
+              f"- passages: {g['passages']}"
+              + (f" of the corpus's {g['corpus_passages']} (`generate.limit`, `generate.sample`)"
+                 if g.get("corpus_passages", 0) > g["passages"] else "")
+              + f", {g['passages_with_query']} with an accepted query ({rate:.0%}); "
               f"queries: {g['accepted']}, mean {g['mean_query_words']:.1f} words",
               "- rejected answers (retried with another seed): "
               + (", ".join(f"{k} {v}" for k, v in sorted(g["rejected"].items(), key=lambda kv: -kv[1])) or "none"),

@@ -278,7 +278,8 @@ def _run_stage(ctx: _Context, stage: _Stage) -> StageRun:
 
 def _generate_plan(ctx: _Context):
     st = ctx.config.generate
-    config = {"generate": plain_data(st.config), "limit": st.limit, "lenient": st.lenient, "llm": llm_identity(ctx.config.llm)}
+    config = {"generate": plain_data(st.config), "limit": st.limit, "sample": st.sample, "lenient": st.lenient,
+              "llm": llm_identity(ctx.config.llm)}
     return config, {"corpus": st.corpus or ctx.config.corpus}
 
 
@@ -288,10 +289,10 @@ def _generate_run(ctx: _Context, directory: Path, resume: bool):
     st = ctx.config.generate
     out = directory / "generated.jsonl"
     summary = run_generate(st.corpus or ctx.config.corpus, out, ctx.llm(), st.config, limit=st.limit, lenient=st.lenient,
-                           progress=ctx.progress)
+                           progress=ctx.progress, sample=st.sample)
     if not summary.accepted:
         raise PipelineError(f"generate: no query was accepted for any of {summary.passages} passages; see {out}.summary.json")
-    counts = {"passages": summary.passages, "passages_with_query": summary.passages_with_query, "queries": summary.accepted}
+    counts = {"passages": summary.passages, "corpus_passages": summary.corpus_passages, "passages_with_query": summary.passages_with_query, "queries": summary.accepted}
     return {"generated": out}, counts, summary.to_dict(), summary.render()
 
 

@@ -386,6 +386,7 @@ def run_generate_ray(
     *,
     cache: str | Path | None = None,
     limit: int | None = None,
+    sample: int | None = None,
     lenient: bool = False,
     progress: bool = True,
     prices: dict[str, Price] | None = None,
@@ -397,8 +398,8 @@ def run_generate_ray(
     `prices` (by model name) and `max_cost` as in `load_llm`: the cost is estimated on the driver."""
     out = Path(out)
     with _on_cluster(out, llm, ray_config, cache, progress, prices, max_cost) as cluster:
-        writer = _ShardWriter("generate", cluster, {"corpus": str(corpus), "limit": limit, **asdict(config)})
-        return run_generate(corpus, out, cluster.llm, config, limit=limit, lenient=lenient, progress=progress,
+        writer = _ShardWriter("generate", cluster, {"corpus": str(corpus), "limit": limit, "sample": sample, **asdict(config)})
+        return run_generate(corpus, out, cluster.llm, config, limit=limit, lenient=lenient, progress=progress, sample=sample,
                             engine=_GenerateOnRay(cluster), write=writer)
 
 
