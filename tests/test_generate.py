@@ -114,6 +114,8 @@ def test_a_sample_is_uniform_nested_and_blind_to_corpus_order(tmp_path):
     assert 0 < sum(int(p.id[1:]) < 500 for p in small) < 100 and small != passages[:100]  # drawn from the whole corpus
     assert select_passages(passages, limit=50, sample=300) == passages[:50]  # limit first; a sample of more keeps all
     assert {p.id for p in select_passages(passages, sample=100, seed=1)} != {p.id for p in small}
+    with pytest.raises(ValueError, match="sample must be at least 1"):
+        select_passages(passages, sample=0)
 
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"_id": f"d{i}", "title": "", "text": PASSAGE.text}) + "\n" for i in range(5)))

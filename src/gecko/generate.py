@@ -188,6 +188,9 @@ def select_passages(passages: list[Passage], limit: int | None = None, sample: i
     """The passages a run writes queries for: the first `limit`, then a uniform sample of `sample`
     of them, in corpus order. A passage is drawn by its seeded id alone, so the corpus's order does
     not bias the sample and a larger sample holds a smaller one (its journaled queries are reused)."""
+    for name, value in (("limit", limit), ("sample", sample)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be at least 1 (or none for every passage), got {value}")
     if limit is not None:
         passages = passages[:limit]
     if sample is not None and len(passages) > sample:
