@@ -183,14 +183,19 @@ def derive_seed(*parts: object) -> int:
     return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:4], "big")
 
 
+def check_passage_choice(limit: int | None, sample: int | None) -> None:
+    """`select_passages`' arguments, checked where a config is built (before any work) and where they are used."""
+    for name, value in (("limit", limit), ("sample", sample)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be at least 1 (or null for every passage), got {value}")
+
+
 def select_passages(passages: list[Passage], limit: int | None = None, sample: int | None = None,
                     seed: int = 0) -> list[Passage]:
     """The passages a run writes queries for: the first `limit`, then a uniform sample of `sample`
     of them, in corpus order. A passage is drawn by its seeded id alone, so the corpus's order does
     not bias the sample and a larger sample holds a smaller one (its journaled queries are reused)."""
-    for name, value in (("limit", limit), ("sample", sample)):
-        if value is not None and value < 1:
-            raise ValueError(f"{name} must be at least 1 (or none for every passage), got {value}")
+    check_passage_choice(limit, sample)
     if limit is not None:
         passages = passages[:limit]
     if sample is not None and len(passages) > sample:

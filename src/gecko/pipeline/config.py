@@ -30,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from gecko.generate import PASSAGE_SAMPLE, GenerateConfig
+from gecko.generate import PASSAGE_SAMPLE, GenerateConfig, check_passage_choice
 from gecko.llm.usage import Price
 from gecko.models import DEFAULT
 from gecko.relabel import RelabelConfig
@@ -56,9 +56,7 @@ class GenerateStage:
     lenient: bool = False  # skip and count bad corpus records
 
     def __post_init__(self):
-        for name in ("limit", "sample"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1 (or null for all), got {getattr(self, name)}")
+        check_passage_choice(self.limit, self.sample)
 
 
 @dataclass(frozen=True)

@@ -292,7 +292,8 @@ def _generate_run(ctx: _Context, directory: Path, resume: bool):
                            progress=ctx.progress, sample=st.sample)
     if not summary.accepted:
         raise PipelineError(f"generate: no query was accepted for any of {summary.passages} passages; see {out}.summary.json")
-    counts = {"passages": summary.passages, "corpus_passages": summary.corpus_passages, "passages_with_query": summary.passages_with_query, "queries": summary.accepted}
+    counts = {"passages": summary.passages, "corpus_passages": summary.corpus_passages,
+              "passages_with_query": summary.passages_with_query, "queries": summary.accepted}
     return {"generated": out}, counts, summary.to_dict(), summary.render()
 
 
