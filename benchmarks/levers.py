@@ -10,7 +10,9 @@ names, concatenated, minus the seeds `gecko run`'s label-free check holds out (i
 cap), written to OUT/data-PARTS[-RELABEL OPTIONS]/train.jsonl. A lever with relabel options (the
 false-negative guard, per-token QL) first rewrites each part from its committed relabel journal
 with `gecko relabel OPTIONS` (the LLM is loaded, no pair is scored: the journal's entries carry the
-LLM identity, so the transformers bf16 engine they were scored with is asked for).
+LLM identity, so the transformers bf16 engine they were scored with is asked for). A lever may then
+keep a seeded subset of its rows, put another lever's model in the teacher's retriever expert, or
+add `--data` sources (SciFact's labelled train claims, scored on test only: they are the dev set).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import argparse
 import gzip
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -30,6 +33,7 @@ from quality import DATA
 ROOT = Path(__file__).resolve().parents[1]
 COMMITTED = ROOT / "benchmarks" / "data"
 CORPUS = DATA / "scifact" / "corpus.jsonl.gz"
+SCIFACT_TRAIN = str(DATA / "scifact")  # a BEIR folder: `gecko train` reads its 919 train qrels (809 labelled claims)
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,8 @@ PARTS = {
     "a": Part("scifact-1500x2/generated.jsonl.gz", 0, 1500, "scifact-1500x2/relabeled.jsonl.gz"),
     "b": Part("scifact-1500x2/generated.jsonl.gz", 1500, None, "scifact-1500x2/relabeled-b.jsonl.gz"),
     "c": Part("scifact-rest/generated-c.jsonl.gz", 0, None, "scifact-rest/relabeled-c.jsonl.gz"),
+    # SciFact's 809 labelled train claims written as generated queries and relabeled by the same LLM: a human writer
+    "h": Part("scifact-train-claims/generated.jsonl.gz", 0, None, "scifact-train-claims/relabeled.jsonl.gz"),
 }
 
 
@@ -59,6 +65,9 @@ class Lever:
     max_seq_length: str | None = "128"  # tokens per text in training, as the recipe's run (None: the base model's, 256)
     axes: bool = False  # gecko.train.axes' rotation, on in `gecko train` since 2026-12-06 (off: the rows measured before it)
     sample: int | None = None  # only the first query of each of `gecko run`'s sample of this many passages (generate.sample)
+    rows: int | None = None  # a seeded random subset of this many of the rows trained on (as many as another lever's)
+    teacher_model: str | None = None  # a lever whose model's cosines replace the base retriever's in the teacher's scores
+    data: tuple[str, ...] = ()  # more `--data` sources after the parts' rows ("" parts: these alone)
 
 
 # the KL term as `gecko train` defaulted to until 2026-12-06 (weight 1; teacher per-token QL where the rows
@@ -79,6 +88,8 @@ QLRET = ("--distill-teacher", "ql+retriever")  # the teacher QL x the base retri
 QLRET_W4 = (*QLRET, "--distill-weight", "4")  # qlret-w4's: the KL term 4x the Gecko loss
 QLRET_W4_T25 = (*QLRET_W4, "--distill-temperature", "2.5")  # the same with QL's expert twice as sharp (default t: 5)
 
+
+CLAIMS_ROWS = 774  # claims-w4's rows to train on (the 809 claims less the label-free check's holdout)
 
 # the README's rows
 LEVERS = {
@@ -131,6 +142,19 @@ LEVERS = {
     # what `gecko run` trains on by default since session 18: the first query of each of a uniform sample of 3,000
     # abstracts (generate.sample, generate.per_passage 1), qlret-w4's options
     "sample3000-w4": Lever("abc", QLRET_W4, sample=3000),
+    # session 19: where the 384-dim ceiling comes from. The writer: SciFact's own labelled train claims with their judged
+    # abstracts (the recipe's loss, no negatives), against as many of the LLM's queries trained the same way
+    "human809": Lever("", texts=False, data=(SCIFACT_TRAIN,)),
+    "synth809": Lever("ab", ("--hard-negatives", "none"), texts=False, rows=809),
+    # the same claims relabeled by the LLM (its positives, negatives and teacher scores), qlret-w4's options,
+    # against as many of the LLM's own queries
+    "claims-w4": Lever("h", QLRET_W4),
+    "synth-claims-w4": Lever("ab", QLRET_W4, rows=CLAIMS_ROWS),
+    # a stronger retriever expert in the teacher: the student of round 1 (qlret-w4) instead of the base model
+    "r2-w4": Lever("ab", QLRET_W4, teacher_model="qlret-w4"),
+    "r2-w4-rng1": Lever("ab", (*QLRET_W4, "--seed", "1"), teacher_model="qlret-w4-rng1"),
+    # labels, where a user has some: qlret-w4's rows and the 809 labelled claims in one mixture (test only: they are dev)
+    "mix-human809": Lever("ab", QLRET_W4, data=(SCIFACT_TRAIN,)),
 }
 
 
@@ -181,8 +205,53 @@ def keep_sampled(rows: Path, sample: int) -> None:
     print(f"{rows.parent.name}: {len(kept)} of {len(lines)} relabeled queries are a sampled passage's first", flush=True)
 
 
+def with_cosines(lines: list[str], model: Path) -> list[str]:
+    """The rows with every candidate's `retriever_score` replaced by `model`'s cosine between the query
+    and the candidate, each in training's format: the teacher's retriever expert becomes that model."""
+    from sentence_transformers import SentenceTransformer
+
+    from gecko.corpus import load_corpus
+    from gecko.formats import format_document, format_query
+
+    rows = [json.loads(line) for line in lines]
+    passages = {p.id: p for p in load_corpus(CORPUS)[0]}
+    student = SentenceTransformer(str(model), device="cpu")
+    ids = sorted({c["id"] for row in rows for c in row["candidates"]})
+    docs = student.encode([format_document(passages[i].text, passages[i].title) for i in ids], batch_size=64,
+                          normalize_embeddings=True, show_progress_bar=False)
+    doc = dict(zip(ids, docs))
+    queries = student.encode([format_query(row["query"], row["task"]) for row in rows], batch_size=128,
+                             normalize_embeddings=True, show_progress_bar=False)
+    for row, query in zip(rows, queries):
+        for candidate in row["candidates"]:
+            candidate["retriever_score"] = float(doc[candidate["id"]] @ query)
+    return [json.dumps(row, ensure_ascii=False) + "\n" for row in rows]
+
+
 def training_rows(lever: Lever, work: Path) -> Path:
-    """OUT/data-PARTS[-RELABEL OPTIONS]/train.jsonl: the parts' rows minus the label-free check's seeds."""
+    """The rows a lever trains on: `split_rows`', then, in a folder of their own, a seeded subset of them
+    (`rows`) and another model as the teacher's retriever expert (`teacher_model`)."""
+    split = split_rows(lever, work)
+    if not (lever.rows or lever.teacher_model):
+        return split
+    folder = work / "-".join(filter(None, (split.parent.name, lever.rows and f"r{lever.rows}",
+                                           lever.teacher_model and f"cos-{lever.teacher_model}")))
+    if (folder / "train.jsonl").exists():
+        return folder / "train.jsonl"
+    lines = split.read_text(encoding="utf-8").splitlines(keepends=True)
+    if lever.rows:
+        random.Random(0).shuffle(lines)
+        lines = lines[: lever.rows]
+    if lever.teacher_model:
+        lines = with_cosines(lines, trained(lever.teacher_model, work))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "train.jsonl").write_text("".join(lines), encoding="utf-8")
+    print(f"{folder.name}: {len(lines)} rows to train on", flush=True)
+    return folder / "train.jsonl"
+
+
+def split_rows(lever: Lever, work: Path) -> Path:
+    """OUT/data-PARTS[-RELABEL OPTIONS][-sN]/train.jsonl: the parts' rows minus the label-free check's seeds."""
     from gecko.pipeline.config import TrainStage
     from gecko.pipeline.holdout import split_holdout
 
@@ -210,7 +279,8 @@ def trained(name: str, work: Path) -> Path:
     lever, model = LEVERS[name], work / name / "model"
     if (model / "config.json").exists():
         return model
-    rows = training_rows(lever, work)
+    rows = training_rows(lever, work) if lever.parts else None
+    data = [arg for path in ([str(rows)] if rows else []) + list(lever.data) for arg in ("--data", path)]
     corpus = ("--corpus", str(CORPUS)) if lever.texts else ()
     resume = ("--resume",) if (model / ".train").exists() else ()  # a run killed part way continues from its checkpoint
     length = ("--max-seq-length", lever.max_seq_length) if lever.max_seq_length else ()
@@ -218,7 +288,7 @@ def trained(name: str, work: Path) -> Path:
     if lever.texts:
         distill = (*(() if "--distill-weight" in lever.train_args else ("--distill-weight", EARLIER_DISTILL_WEIGHT)),
                    *(() if "--distill-teacher" in lever.train_args else ("--distill-teacher", earlier_teacher(rows))))
-    gecko("train", "--data", str(rows), *corpus, "--out", str(model), *length, "--precision", lever.precision,
+    gecko("train", *data, *corpus, "--out", str(model), *length, "--precision", lever.precision,
           *distill, *lever.train_args, *(() if lever.axes else ("--no-principal-axes",)), *resume, log=work / f"{name}.log")
     return model
 
