@@ -10,27 +10,20 @@ queries (`benchmarks/levers.py claims-w4`), so the two writers compare at one te
 
 from __future__ import annotations
 
-import csv
-import gzip
 import json
 
 from quality import DATA
 
+from gecko.corpus import load_beir
 from gecko.prompts import TASK_TYPES
 
 
 def main() -> None:
-    folder = DATA / "scifact"
-    with gzip.open(folder / "queries.jsonl.gz", "rt", encoding="utf-8") as lines:
-        claims = {row["_id"]: row["text"] for row in map(json.loads, lines)}
-    seeds: dict[str, str] = {}
-    with open(folder / "qrels.train.tsv", encoding="utf-8") as qrels:
-        for row in csv.DictReader(qrels, delimiter="\t"):
-            seeds.setdefault(row["query-id"], row["corpus-id"])
+    claims = load_beir(DATA / "scifact", "train")
     task = TASK_TYPES["fact_checking"].descriptions[0]
-    for claim, seed in seeds.items():
-        print(json.dumps({"id": f"claim{claim}", "seed_id": seed, "task_type": "fact_checking", "task": task,
-                          "query": claims[claim]}))
+    for claim, cited in claims.qrels.items():
+        print(json.dumps({"id": f"claim{claim}", "seed_id": next(iter(cited)), "task_type": "fact_checking",
+                          "task": task, "query": claims.queries[claim]}))
 
 
 if __name__ == "__main__":
