@@ -208,20 +208,16 @@ def keep_sampled(rows: Path, sample: int) -> None:
 def with_cosines(lines: list[str], model: Path) -> list[str]:
     """The rows with every candidate's `retriever_score` replaced by `model`'s cosine between the query
     and the candidate, each in training's format: the teacher's retriever expert becomes that model."""
-    from sentence_transformers import SentenceTransformer
-
     from gecko.corpus import load_corpus
+    from gecko.embed import Embedder
     from gecko.formats import format_document, format_query
 
     rows = [json.loads(line) for line in lines]
     passages = {p.id: p for p in load_corpus(CORPUS)[0]}
-    student = SentenceTransformer(str(model), device="cpu")
+    student = Embedder(str(model), progress=False)
     ids = sorted({c["id"] for row in rows for c in row["candidates"]})
-    docs = student.encode([format_document(passages[i].text, passages[i].title) for i in ids], batch_size=64,
-                          normalize_embeddings=True, show_progress_bar=False)
-    doc = dict(zip(ids, docs))
-    queries = student.encode([format_query(row["query"], row["task"]) for row in rows], batch_size=128,
-                             normalize_embeddings=True, show_progress_bar=False)
+    doc = dict(zip(ids, student.encode([format_document(passages[i].text, passages[i].title) for i in ids])))
+    queries = student.encode([format_query(row["query"], row["task"]) for row in rows])
     for row, query in zip(rows, queries):
         for candidate in row["candidates"]:
             candidate["retriever_score"] = float(doc[candidate["id"]] @ query)
